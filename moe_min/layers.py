@@ -1,0 +1,153 @@
+"""Applying a plan: gather tokens into per-expert buffers, run every expert as one batched
+matmul, scatter-add the weighted outputs back; and the MoD block branch (attention among the
+routed tokens at their true positions, then an MLP). `forward` returns the quantities of
+docs/conventions.md, which the conformance suite compares with the oracle.
+May import: moe_min.spec, moe_min.ops, moe_min.routing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moe_min.ops import Array, Ops
+from moe_min.routing import Plan, activation, route
+from moe_min.spec import ExpertMLP, MixtureOfDepths, SoftMoE
+
+
+def mlp(ops: Ops, spec: ExpertMLP, h: Array, w1: Array, w2: Array, w3: Array | None = None):
+    """act(h @ w1) @ w2, or SwiGLU. Batched: h (E, N, D) with w1 (E, D, H) runs E experts."""
+    a = h @ w1
+    a = activation(ops, "silu", a) * (h @ w3) if spec.glu else activation(ops, spec.activation, a)
+    return a @ w2
+
+
+def experts(ops: Ops, spec: ExpertMLP, params: dict, h: Array) -> Array:
+    """All experts at once: h (E, N, D) -> (E, N, D)."""
+    return mlp(ops, spec, h, params["expert_w1"], params["expert_w2"], params.get("expert_w3"))
+
+
+def apply_slots(ops: Ops, expert_fn, x: Array, slot_token: Array, slot_weight: Array) -> Array:
+    """y[g, s] = Σ over slots (e, c) holding token s of slot_weight · expert_e(x[g, s]).
+
+    Padded per-expert buffers (E, G·C, D) and one batched matmul: 1.1x a dense MLP on CPU
+    (reference/backends.md §1). Empty slots (-1) read and write one spare zero row."""
+    G, S, D = x.shape
+    E, C = slot_token.shape[1], slot_token.shape[2]
+    index = ops.reshape(ops.where(slot_token < 0, S, slot_token), (G, E * C, 1))
+    padded = ops.concatenate([x, ops.zeros((G, 1, D))], axis=1)
+    buffers = ops.take_along_axis(padded, index, axis=1)  # (G, E*C, D)
+    buffers = ops.reshape(ops.transpose(ops.reshape(buffers, (G, E, C, D)), (1, 0, 2, 3)),
+                          (E, G * C, D))
+    out = ops.transpose(ops.reshape(expert_fn(buffers), (E, G, C, D)), (1, 0, 2, 3))
+    out = ops.reshape(out, (G, E * C, D)) * ops.reshape(slot_weight, (G, E * C, 1))
+    y = ops.scatter_add(ops.zeros((G, S + 1, D)), ops.broadcast_to(index, (G, E * C, D)), out,
+                        axis=1)
+    return y[:, :S]
+
+
+def apply_soft(ops: Ops, expert_fn, x: Array, dispatch: Array, combine: Array, num_experts: int,
+               round_bf16: bool = False) -> Array:
+    """Soft MoE: slots = dispatch @ x, y = combine @ expert(slots)."""
+    G, S, D = x.shape
+    E, P = num_experts, dispatch.shape[1] // num_experts
+    data = ops.round_bfloat16 if round_bf16 else (lambda v: v)  # vmoe rounds data, not weights
+    slots = ops.reshape(dispatch @ data(x), (G, E, P, D))
+    out = expert_fn(ops.reshape(ops.transpose(slots, (1, 0, 2, 3)), (E, G * P, D)))
+    out = ops.reshape(ops.transpose(ops.reshape(out, (E, G, P, D)), (1, 0, 2, 3)), (G, E * P, D))
+    return combine @ data(out)
+
+
+def rms_norm(ops: Ops, x: Array, gain: Array, eps: float) -> Array:
+    return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+
+
+def rope(ops: Ops, v: Array, positions: Array, base: float) -> Array:
+    """Rotate-half RoPE at the given (true) positions. v (B, H, N, Dh), positions (B, N)."""
+    B, N, half = positions.shape[0], positions.shape[1], v.shape[-1] // 2
+    inv_freq = ops.asarray(base ** (-np.arange(half, dtype=np.float64) * 2 / v.shape[-1]))
+    angle = ops.reshape(ops.astype(positions, "float"), (B, 1, N, 1)) * inv_freq
+    cos, sin = ops.cos(angle), ops.sin(angle)
+    v1, v2 = v[..., :half], v[..., half:]
+    return ops.concatenate([v1 * cos - v2 * sin, v1 * sin + v2 * cos], axis=-1)
+
+
+def attention(ops: Ops, q, k, v, q_pos, k_pos, k_valid) -> Array:
+    """Softmax attention where a query sees valid keys at positions <= its own.
+    q (B, H, Nq, Dh), k/v (B, H, Nk, Dh), q_pos (B, Nq), k_pos/k_valid (B, Nk)."""
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    scores = (q @ ops.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(q.shape[-1]))
+    allowed = (ops.reshape(k_pos, (B, 1, 1, Nk)) <= ops.reshape(q_pos, (B, 1, Nq, 1))) & \
+        ops.reshape(k_valid, (B, 1, 1, Nk))
+    # a finite floor, not -inf: a padded query row must not turn into NaN (NaN·0 is NaN)
+    return ops.softmax(ops.where(allowed, scores, -1e9), axis=-1) @ v
+
+
+def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array, valid: Array):
+    """f(h): a pre-norm transformer block without its residual, over the routed tokens only.
+    h (B, N, D) at true `positions` (B, N); `valid` marks real (not padding) rows."""
+    B, N, D = h.shape
+    heads, eps = block["heads"], block["norm_eps"]
+
+    def split(t):
+        return ops.transpose(ops.reshape(t, (B, N, heads, D // heads)), (0, 2, 1, 3))
+
+    normed = rms_norm(ops, h, params["block_norm1"], eps)
+    q, k, v = (split(normed @ params[f"block_w{n}"]) for n in "qkv")
+    q, k = rope(ops, q, positions, block["rope_base"]), rope(ops, k, positions, block["rope_base"])
+    a = ops.transpose(attention(ops, q, k, v, positions, positions, valid), (0, 2, 1, 3))
+    a = ops.reshape(a, (B, N, D)) @ params["block_wo"]
+    u = rms_norm(ops, h + a, params["block_norm2"], eps)
+    return a + mlp(ops, block["mlp"], u, params["block_w1"], params["block_w2"],
+                   params.get("block_w3"))
+
+
+def apply_mod(ops: Ops, block: dict, params: dict, x: Array, plan: Plan) -> Array:
+    """x + weight·f(x̃) at the routed tokens, x elsewhere."""
+    B, T, D = x.shape
+    C = plan.slot_token.shape[-1]
+    slot_token = ops.reshape(plan.slot_token, (B, C))
+    valid = slot_token >= 0
+    index = ops.reshape(ops.where(valid, slot_token, T), (B, C, 1))
+    padded = ops.concatenate([x, ops.zeros((B, 1, D))], axis=1)
+    routed = ops.take_along_axis(padded, index, axis=1)  # (B, C, D)
+    f = block_branch(ops, block, params, routed, ops.where(valid, slot_token, 0), valid)
+    update = f * ops.reshape(plan.slot_weight, (B, C, 1))
+    delta = ops.scatter_add(ops.zeros((B, T + 1, D)), ops.broadcast_to(index, (B, C, D)), update,
+                            axis=1)
+    return x + delta[:, :T]
+
+
+def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
+            block: dict | None = None, mode: str = "eval", noise=None, x_predictor=None,
+            validate: bool = True) -> dict:
+    """Route and apply one layer; returns {name: array} with the names of
+    docs/conventions.md (`plan/...`, `y`, `aux/...`, `stats/...`, `predictor/...`)."""
+    squeeze = len(x.shape) == 2
+    if squeeze:
+        x = ops.reshape(x, (1, *x.shape))
+    if x_predictor is not None and len(x_predictor.shape) == 2:
+        x_predictor = ops.reshape(x_predictor, (1, *x_predictor.shape))
+    plan = route(spec, x, params, ops, mode=mode, noise=noise, x_predictor=x_predictor,
+                 validate=validate)
+    B, T, D = x.shape
+    G, S = plan.groups
+    if isinstance(spec, MixtureOfDepths):
+        y = apply_mod(ops, block, params, x, plan)
+    else:
+        def expert_fn(h):
+            return experts(ops, expert, params, h)
+        xg = ops.reshape(x, (G, S, D))
+        if isinstance(spec, SoftMoE):
+            y = apply_soft(ops, expert_fn, xg, plan.dispatch, plan.combine, spec.num_experts,
+                           spec.round_bf16)
+        else:
+            y = apply_slots(ops, expert_fn, xg, plan.slot_token, plan.slot_weight)
+    out = {"y": ops.reshape(y, (T, D) if squeeze else (B, T, D))}
+    for name in ("slot_token", "slot_weight", "dispatch", "combine"):
+        if getattr(plan, name) is not None:
+            out[f"plan/{name}"] = getattr(plan, name)
+    for prefix, values in (("aux", plan.aux), ("stats", plan.stats), ("predictor", plan.predictor)):
+        out.update({f"{prefix}/{k}": v for k, v in values.items()})
+    return out

@@ -1,0 +1,115 @@
+"""The backend contract: the small set of array operations the lowering and the models use,
+and the registry that finds backends by name through the `moe_min.backends` entry points.
+
+Names and arguments follow NumPy, so an adapter reads as a lookup table. Ties and order are
+part of the contract (see each method). Arrays also support `+ - * / @`, unary minus,
+comparisons, `.shape` and basic slicing; everything else goes through these methods.
+May import: stdlib, numpy, moe_min.spec.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Protocol
+
+ENTRY_POINT_GROUP = "moe_min.backends"
+Array = Any
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What a backend can do, reported by `moe-min info` and used by the conformance runner."""
+
+    autodiff: bool = False
+    jit: bool = False
+    float64: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+
+
+class Ops(Protocol):
+    """The array operations a backend provides. Dtypes are named "float", "int", "bool"; the
+    backend maps them (float is its compute dtype, int its index dtype)."""
+
+    name: str
+    device: str
+    caps: Caps
+
+    # conversion and creation
+    def asarray(self, x, dtype: str | None = None) -> Array: ...
+    def to_numpy(self, x: Array): ...
+    def zeros(self, shape: tuple[int, ...], dtype: str = "float") -> Array: ...
+    def arange(self, n: int) -> Array: ...  # int dtype
+    def astype(self, x: Array, dtype: str) -> Array: ...
+
+    # shape
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: ...
+    def transpose(self, x: Array, axes: tuple[int, ...]) -> Array: ...
+    def concatenate(self, xs: list[Array], axis: int) -> Array: ...
+    def broadcast_to(self, x: Array, shape: tuple[int, ...]) -> Array: ...
+
+    # elementwise
+    def exp(self, x: Array) -> Array: ...
+    def log(self, x: Array) -> Array: ...
+    def sqrt(self, x: Array) -> Array: ...
+    def tanh(self, x: Array) -> Array: ...
+    def erf(self, x: Array) -> Array: ...
+    def sigmoid(self, x: Array) -> Array: ...
+    def cos(self, x: Array) -> Array: ...
+    def sin(self, x: Array) -> Array: ...
+    def maximum(self, a: Array, b) -> Array: ...
+    def where(self, cond: Array, a, b) -> Array: ...
+
+    # reductions (axis=None: all elements)
+    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array: ...
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array: ...
+    def max(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array: ...
+    def logsumexp(self, x: Array, axis: int, keepdims: bool = False) -> Array: ...
+    def softmax(self, x: Array, axis: int) -> Array: ...
+    def all_finite(self, x: Array) -> bool: ...
+
+    # order and indexing
+    def matmul(self, a: Array, b: Array) -> Array: ...
+    def argsort(self, x: Array, axis: int = -1, descending: bool = False) -> Array:
+        """Stable: equal elements keep their index order, in both directions."""
+
+    def top_k(self, x: Array, k: int, axis: int = -1) -> tuple[Array, Array]:
+        """(values, indices) of the k largest along axis, descending; ties: lower index first."""
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        """NumPy's take_along_axis; idx has x's ndim and broadcasts on the other axes."""
+
+    def scatter_add(self, x: Array, idx: Array, src: Array, axis: int) -> Array:
+        """A copy of x with src[..., i, ...] added at idx[..., i, ...] along axis (idx and src
+        have one shape); repeated indices accumulate. Differentiable in x and src."""
+
+    def cumsum(self, x: Array, axis: int) -> Array: ...
+    def stop_gradient(self, x: Array) -> Array: ...
+    def round_bfloat16(self, x: Array) -> Array:
+        """x rounded to the nearest bfloat16 (ties to even), kept in the compute dtype."""
+
+
+CONTRACT = tuple(
+    name for name in vars(Ops) if not name.startswith("_") and callable(getattr(Ops, name))
+)
+
+
+def missing_ops(ops) -> list[str]:
+    """Contract operations a backend object lacks (the runner's first row)."""
+    return [name for name in CONTRACT if not callable(getattr(ops, name, None))]
+
+
+def backend_entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_backend(name: str | None = None, device: str | None = None, **options) -> Ops:
+    """The backend registered under `name` (default: $MOE_MIN_BACKEND, else numpy)."""
+    name = name or os.environ.get("MOE_MIN_BACKEND", "numpy")
+    found = backend_entry_points()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise ValueError(f"unknown backend {name!r}: expected one of {known}")
+    factory = found[name].load()
+    return factory(device=device, **options) if device else factory(**options)
