@@ -101,6 +101,13 @@ def _variance_ratio(ops: Ops, v: Array) -> Array:
     return ops.mean(ops.mean((v - mean) * (v - mean), axis=-1) / ops.mean(v, axis=-1) ** 2)
 
 
+def _k_major(ops: Ops, v, order3, G: int, N: int):
+    """(G, S, K) in token order -> (G, K*S) in claim order: tokens by priority, every first
+    choice before any second choice (vmoe; routing_semantics.md §2.3)."""
+    v = ops.take_along_axis(v, order3, axis=1)
+    return ops.reshape(ops.transpose(v, (0, 2, 1)), (G, N))
+
+
 def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: int):
     """Walk the choices in k-major priority order; each takes its expert's next free slot."""
     G, S, K = top_expert.shape
@@ -110,13 +117,9 @@ def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: i
     else:
         order = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S)), (G, S))
     order3 = ops.reshape(order, (G, S, 1))
-
-    def k_major(v):  # (G, S, K) in token order -> (G, K*S): all first choices, then seconds
-        v = ops.take_along_axis(v, order3, axis=1)
-        return ops.reshape(ops.transpose(v, (0, 2, 1)), (G, N))
-
-    expert, weight = k_major(top_expert), k_major(weight)
-    token = k_major(ops.broadcast_to(ops.reshape(ops.arange(S), (1, S, 1)), (G, S, K)))
+    expert, weight = _k_major(ops, top_expert, order3, G, N), _k_major(ops, weight, order3, G, N)
+    tokens = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S, 1)), (G, S, K))
+    token = _k_major(ops, tokens, order3, G, N)
     perm = ops.argsort(expert, axis=-1)  # stable, so claims keep their order within an expert
     expert, token, weight = (ops.take_along_axis(v, perm, axis=-1) for v in (expert, token, weight))
     demand = ops.scatter_add(ops.zeros((G, E), "int"), expert, _ones(ops, (G, N), "int"), axis=-1)

@@ -26,7 +26,7 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[
     """Write byte-reproducibly (sorted names, sorted JSON), atomically (temp file + rename)."""
     header, chunks, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.array(tensors[name], order="C")  # ascontiguousarray would make 0-d 1-d
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
         data = array.tobytes()
         header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),

@@ -74,9 +74,11 @@ def token_choice_cases():
                 why="duplicated tokens under BPR: the stable sort keeps position order")
     yield build("k2_ties_tokens_drop-position", _tc(capacity_factor=0.5), inputs=_dup_tokens,
                 ties=True, seed=14, why="duplicated tokens, position priority")
-    yield build("k2_capacity0_all-drop", _tc(capacity_factor=0.1, min_capacity=0), seed=15,
-                why="capacity rounds to 0 with min_capacity 0: every choice drops, y = 0")
-    yield build("k2_min-capacity", _tc(capacity_factor=0.1, min_capacity=1), seed=15,
+    yield build("k2_capacity0_all-drop", _tc(capacity_factor=0.1, capacity_rounding="round",
+                min_capacity=0), seed=15,
+                why="round(0.4) = 0 slots with min_capacity 0: every choice drops, y = 0")
+    yield build("k2_min-capacity", _tc(capacity_factor=0.1, capacity_rounding="round",
+                min_capacity=1), seed=15,
                 why="the same rounding clamped to one slot per expert")
     yield build("k2_uneven_T7_E3", _tc(capacity_factor=1.0), T=7, seed=16,
                 why="tokens not divisible by experts: 7*2/3 -> ceil 5")
@@ -154,6 +156,8 @@ def soft_moe_cases():
                 why="vmoe wrapper: data rounded to bfloat16 before each einsum")
     yield build("group-batch_B2", SoftMoE(**soft, group="batch"), B=2, seed=58,
                 why="slots mix tokens of both sequences")
+    yield build("group-fixed3_B2", SoftMoE(**soft, group="fixed", group_size=3), B=2, seed=60,
+                why="fixed groups of 3 tokens: slots never mix across a group")
     yield build("glu", SoftMoE(**soft), expert=ExpertMLP(hidden=6, activation="silu", glu=True),
                 seed=59, why="SwiGLU experts")
 

@@ -1,0 +1,49 @@
+"""Backends under test. Every backend that can run here is tested; one that cannot is skipped
+with its reason, listed at the end of the run, and under CI a skipped backend is a failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from moe_min.ops import get_backend
+
+# (backend, device): each is its own conformance run
+BACKENDS = [("numpy", None)]
+_skipped: dict[str, str] = {}
+_cache: dict[str, object] = {}
+
+
+def backend_id(name, device):
+    return f"{name}-{device}" if device else name
+
+
+def load_backend(name, device):
+    key = backend_id(name, device)
+    if key not in _cache:
+        try:
+            _cache[key] = get_backend(name, device)
+        except Exception as e:  # the reason is reported, never swallowed
+            _cache[key] = e
+            _skipped[key] = f"{type(e).__name__}: {e}"
+    ops = _cache[key]
+    if isinstance(ops, Exception):
+        message = f"backend {key} unavailable: {_skipped[key]}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (a skipped backend on CI is a failure)")
+        pytest.skip(message)
+    return ops
+
+
+@pytest.fixture(params=BACKENDS, ids=[backend_id(*b) for b in BACKENDS])
+def ops(request):
+    return load_backend(*request.param)
+
+
+def pytest_terminal_summary(terminalreporter):
+    tried = [backend_id(*b) for b in BACKENDS]
+    ran = [b for b in tried if b in _cache and b not in _skipped]
+    terminalreporter.write_line(f"backends tested: {', '.join(ran) or 'none'}")
+    for key, why in sorted(_skipped.items()):
+        terminalreporter.write_line(f"backend SKIPPED: {key}: {why}")
