@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_min.ops import Caps
+from moe_min.tensorio import load_safetensors, save_safetensors
 
 
 def _bfloat16_round(x: np.ndarray) -> np.ndarray:
@@ -109,3 +110,27 @@ class NumpyOps:
 
     def round_bfloat16(self, x):
         return _bfloat16_round(x)
+
+    # training hooks: NumPy has no autodiff, so gradient rows are reported "n/a"
+    def grad(self, fn, params, x):
+        raise NotImplementedError("grad: the numpy backend has no autodiff")
+
+    def value_and_grad(self, fn):
+        raise NotImplementedError("value_and_grad: the numpy backend has no autodiff")
+
+    def compile(self, fn):
+        return fn
+
+    def seed(self, seed):
+        self._rng = np.random.default_rng(seed)
+
+    def normal(self, shape):
+        if not hasattr(self, "_rng"):
+            self.seed(0)
+        return self._rng.standard_normal(shape).astype(self.dtypes["float"])
+
+    def save(self, path, tensors):
+        save_safetensors(path, {k: np.asarray(v) for k, v in tensors.items()}, {})
+
+    def load(self, path):
+        return {k: self.asarray(v) for k, v in load_safetensors(path)[0].items()}

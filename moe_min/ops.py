@@ -89,6 +89,23 @@ class Ops(Protocol):
     def round_bfloat16(self, x: Array) -> Array:
         """x rounded to the nearest bfloat16 (ties to even), kept in the compute dtype."""
 
+    # training hooks: a backend without autodiff raises NotImplementedError (rows say "n/a")
+    def grad(self, fn, params: dict, x: Array) -> dict:
+        """Gradients of the scalar fn(params, x) w.r.t. every entry of params and x ("x")."""
+
+    def value_and_grad(self, fn):
+        """fn(params, *args) -> scalar  becomes  (params, *args) -> (value, grads of params)."""
+
+    def compile(self, fn):
+        """A compiled/jitted fn with the same results (identity where there is no jit)."""
+
+    def seed(self, seed: int) -> None: ...
+    def normal(self, shape: tuple[int, ...]) -> Array:
+        """Standard-normal draws from the backend's seeded generator."""
+
+    def save(self, path: str, tensors: dict) -> None: ...
+    def load(self, path: str) -> dict: ...
+
 
 CONTRACT = tuple(
     name for name in vars(Ops) if not name.startswith("_") and callable(getattr(Ops, name))

@@ -181,7 +181,8 @@ def _causal_decisions(ops: Ops, spec, params, x, router_logits, x_predictor):
     """Per-token routing at sampling time: predictor logit > threshold, or router logit > 0."""
     if spec.causal == "router":
         return router_logits > 0.0
-    logits = predictor_logits(ops, spec.predictor, params, x if x_predictor is None else x_predictor)
+    h = x if x_predictor is None else x_predictor
+    logits = predictor_logits(ops, spec.predictor, params, h)
     return logits > spec.predictor.threshold
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_min.conformance.case import load_safetensors, read_case, save_safetensors
+from moe_min.conformance.case import read_case
+from moe_min.tensorio import load_safetensors, save_safetensors
 
 
 def test_round_trip_and_the_reference_library_reads_our_files(tmp_path):

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from moe_min.conformance.case import CASES_DIR, case_paths, load_safetensors, read_case
+from moe_min.conformance.case import CASES_DIR, case_paths, read_case
+from moe_min.tensorio import load_safetensors
 from moe_min.conformance.corpus import all_cases
 from moe_min.conformance.generate import write_corpus
 from moe_min.spec import ExpertChoice, MixtureOfDepths, SoftMoE, TokenChoice
