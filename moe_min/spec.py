@@ -53,9 +53,13 @@ def _check_type(obj, name: str, value, hint):
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(obj, name, value, "a number")
+        try:
+            value = float(value)  # 1 and 1.0 must serialise the same
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
-            _fail(obj, name, value, "a finite number")
-        object.__setattr__(obj, name, float(value))  # 1 and 1.0 must serialise the same
+            _fail(obj, name, getattr(obj, name), "a finite number")
+        object.__setattr__(obj, name, value)
     elif isinstance(hint, type) and not isinstance(value, hint):
         _fail(obj, name, value, f"a {hint.__name__}")
 
@@ -92,7 +96,9 @@ class _Spec:
 
 
 def _capacity(obj, num_tokens: int, num_experts: int) -> int:
-    """Slots per expert from a factor (vmoe `compute_capacity`), or the explicit value."""
+    """Slots per expert from a factor (vmoe `compute_capacity`), or the explicit value. The
+    factor is applied in floating point left to right, as vmoe does: 100*1.1/10 is
+    11.000000000000002, so its ceil is 12."""
     if obj.capacity == "fixed":
         return obj.expert_capacity
     raw = num_tokens * obj.capacity_factor / num_experts
@@ -197,7 +203,8 @@ def _validate_capacity(spec):
     spec._positive("capacity_factor")
     spec._at_least("capacity_multiple_of", 1)
     spec._at_least("min_capacity", 0)
-    spec._at_least("expert_capacity", 0)
+    if (spec.capacity == "fixed") != (spec.expert_capacity > 0):
+        _fail(spec, "expert_capacity", spec.expert_capacity, "> 0 exactly when capacity='fixed'")
 
 
 def _validate_group(spec):
@@ -210,6 +217,8 @@ def _validate_causal(spec):
         _fail(spec, "predictor", None, "a Predictor when causal='predictor'")
     if spec.causal == "router" and not spec.router_bce_coef > 0:
         _fail(spec, "router_bce_coef", spec.router_bce_coef, "> 0 when causal='router'")
+    if spec.causal == "router" and spec.predictor is not None:
+        _fail(spec, "predictor", spec.predictor, "None when causal='router' (it would be unused)")
     spec._at_least("router_bce_coef", 0.0)
 
 
@@ -335,7 +344,8 @@ _KINDS = {c.__name__: c for c in (TokenChoice, ExpertChoice, SoftMoE, MixtureOfD
 
 def from_dict(data: dict):
     """Inverse of `to_dict`; an unknown kind or key is an error, never silently dropped."""
-    if not isinstance(data, dict) or data.get("kind") not in _KINDS:
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or \
+            data["kind"] not in _KINDS:
         kind = data.get("kind") if isinstance(data, dict) else data
         raise SpecError(f"spec kind {kind!r}: expected one of {', '.join(sorted(_KINDS))}")
     cls = _KINDS[data["kind"]]

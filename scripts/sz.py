@@ -15,7 +15,7 @@ from pathlib import Path
 
 BUDGETS = {
     "moe_min/__init__.py": 40,
-    "moe_min/spec.py": 230,  # 200 in STYLE.md, +30 because it carries the validation
+    "moe_min/spec.py": 250,  # 200 in STYLE.md, +50: it carries the validation of every knob
     "moe_min/ops.py": 180,
     "moe_min/routing.py": 280,
     "moe_min/layers.py": 150,

@@ -80,7 +80,7 @@ NON_DEFAULT = [
         every=3,
         first_routed=0,
         weight="sigmoid",
-        causal="router",
+        causal="predictor",
         router_bce_coef=1.0,
         predictor=Predictor(hidden=3),
     ),
@@ -154,21 +154,11 @@ def test_invalid_json_is_a_spec_error():
         from_json("{kind: TokenChoice")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="spec.py bug: from_dict tests `kind in _KINDS` on an unhashable value",
-)
 def test_non_string_kind_is_a_spec_error():
     with pytest.raises(SpecError, match="spec kind"):
         from_json('{"kind": ["TokenChoice"]}')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="spec.py bug: math.isfinite/float() overflow on a huge int",
-)
 def test_huge_integer_for_a_float_field_is_a_spec_error():
     with pytest.raises(SpecError, match="capacity_factor"):
         TokenChoice(capacity_factor=10**400)
@@ -382,3 +372,20 @@ def test_predictor_width_defaults_to_half_the_model_dim():
     assert Predictor().width(64) == 32
     assert Predictor().width(1) == 1
     assert Predictor(hidden=16).width(64) == 16
+
+
+@pytest.mark.parametrize("cls", [TokenChoice, ExpertChoice])
+def test_expert_capacity_is_given_exactly_when_capacity_is_fixed(cls):
+    with pytest.raises(SpecError, match=r"expert_capacity = 0: expected > 0 exactly when"):
+        cls(capacity="fixed")
+    with pytest.raises(SpecError, match=r"expert_capacity = 5: expected > 0 exactly when"):
+        cls(expert_capacity=5)
+    assert cls(capacity="fixed", expert_capacity=5).slots(100) == 5
+
+
+def test_router_causal_rule_refuses_an_unused_predictor():
+    from moe_min.spec import MixtureOfDepths
+
+    with pytest.raises(SpecError, match=r"predictor = Predictor.*None when causal='router'"):
+        MixtureOfDepths(causal="router", router_bce_coef=0.1)
+    assert MixtureOfDepths(causal="router", router_bce_coef=0.1, predictor=None).predictor is None
