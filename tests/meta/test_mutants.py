@@ -76,3 +76,63 @@ def test_k_major_order_replaced_by_token_major_fails(monkeypatch):
     monkeypatch.setattr(routing, "_k_major", token_major)
     failed = _failed(_rows(NumpyOps(), "token_choice__k2_cf0.5_drop-position"))
     assert ("token_choice__k2_cf0.5_drop-position", "plan/slot_token") in failed
+
+
+def _wrap(monkeypatch, module, name, make):
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, make(original))
+
+
+def test_missing_renormalisation_fails(monkeypatch):
+    from dataclasses import replace
+
+    _wrap(monkeypatch, routing, "_token_choice",
+          lambda orig: lambda spec, *a: orig(replace(spec, renormalize=False), *a))
+    failed = _failed(_rows(NumpyOps(), "renormalize"))
+    assert ("token_choice__k2_dropless_renormalize", "plan/slot_weight") in failed
+
+
+def test_soft_moe_combine_normalised_per_expert_fails(monkeypatch):
+    def per_expert(orig):
+        def soft(spec, x, params, ops, *a):
+            plan = orig(spec, x, params, ops, *a)
+            G, S, EP = plan.combine.shape
+            logits = np.log(plan.combine).reshape(G, S, spec.num_experts, -1)
+            plan.combine = ops.softmax(logits, axis=-1).reshape(G, S, EP)
+            return plan
+        return soft
+    _wrap(monkeypatch, routing, "_soft_moe", per_expert)
+    failed = _failed(_rows(NumpyOps(), "soft_moe__p2"))
+    assert ("soft_moe__p2_B2", "plan/combine") in failed and ("soft_moe__p2_B2", "y") in failed
+
+
+def test_mod_residual_added_twice_fails(monkeypatch):
+    from moe_min import layers
+
+    _wrap(monkeypatch, layers, "apply_mod", lambda orig: lambda ops, b, p, x, plan:
+          orig(ops, b, p, x, plan) + x)
+    failed = _failed(_rows(NumpyOps(), "mixture_of_depths__cap0.5_sigmoid"))
+    assert ("mixture_of_depths__cap0.5_sigmoid_B2", "y") in failed
+
+
+def test_predictor_fed_the_block_output_fails(monkeypatch):
+    from moe_min.conformance import runner
+
+    def fed_output(orig):
+        def forward(spec, x, params, ops, **kw):
+            out = orig(spec, x, params, ops, **kw)
+            return orig(spec, x, params, ops, **{**kw, "x_predictor": out["y"]})
+        return forward
+    _wrap(monkeypatch, runner, "forward", fed_output)
+    failed = _failed(_rows(NumpyOps(), "mixture_of_depths__causal_predictor"))
+    case = "mixture_of_depths__causal_predictor"
+    assert (case, "predictor/logits") in failed and (case, "aux/predictor") in failed
+
+
+def test_router_gradient_dropped_fails(monkeypatch, ops):
+    if not ops.caps.autodiff:
+        pytest.skip(f"{ops.name} has no autodiff: gradient faults need one")
+    _wrap(monkeypatch, routing, "_in_time_order", lambda orig: lambda o, chosen, weight:
+          orig(o, chosen, o.stop_gradient(weight)))
+    failed = _failed(Runner(ops).include("mixture_of_depths__cap0.25_train").run())
+    assert ("mixture_of_depths__cap0.25_train", "grad/router_w") in failed
