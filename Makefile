@@ -1,7 +1,7 @@
 # make test: build .venv (once, and again when pyproject.toml or EXTRAS change), then run pytest.
-# EXTRAS=test,mlx,tinygrad make test   installs the backends too.
+# EXTRAS=test make test   installs no framework backend (NumPy only).
 PYTHON ?= python3
-EXTRAS ?= test
+EXTRAS ?= test,mlx,tinygrad
 VENV := .venv
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

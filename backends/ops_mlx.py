@@ -175,6 +175,10 @@ class MlxOps:
         idx = _head(self.argsort(x, axis, descending=True), axis, k)
         return mx.take_along_axis(x, idx, axis=axis), idx
 
+    def take(self, x, idx, axis):
+        idx = mx.stop_gradient(idx if idx.dtype == mx.int32 else idx.astype(mx.int32))
+        return mx.take(x, idx, axis=axis)
+
     def take_along_axis(self, x, idx, axis):
         # gather VJP w.r.t. indices: MLX raises unless the index array is cut from the graph
         idx = mx.stop_gradient(idx if idx.dtype == mx.int32 else idx.astype(mx.int32))

@@ -62,3 +62,52 @@ def info():
         caps = ops.caps
         click.echo(f"{name:<10} devices={','.join(caps.devices)} autodiff={caps.autodiff} "
                    f"jit={caps.jit} float64={caps.float64}")
+        for key, value in (ops.info() if hasattr(ops, "info") else {}).items():
+            click.echo(f"{'':<10} {key}: {value}")
+
+
+@main.group()
+def bench():
+    """Speed, as ratios measured side by side in one run."""
+
+
+def _print_timings(timings):
+    for t in timings:
+        shown = "n/a" if t.seconds is None else f"{t.seconds * 1e3:9.1f} ms"
+        click.echo(f"  {t.name:<28} {shown:>12}  {t.note}")
+
+
+@bench.command("layer")
+@click.option("--backend", default="numpy", show_default=True)
+@click.option("--device", default=None)
+@click.option("--tokens", default=4096, show_default=True)
+@click.option("--dim", default=512, show_default=True)
+@click.option("--hidden", default=1024, show_default=True)
+@click.option("--experts", default=8, show_default=True)
+@click.option("--top-k", default=2, show_default=True)
+@click.option("--activation", default="relu", show_default=True,
+              type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]))
+@click.option("--repeat", default=5, show_default=True)
+def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, repeat):
+    """A token-choice MoE layer vs a dense MLP of equal active FLOPs, and routing alone."""
+    from moe_min import bench as b
+
+    ops = _backend(backend, device)
+    click.echo(f"{backend} on {ops.device}: T={tokens} D={dim} H={hidden} E={experts} "
+               f"K={top_k} {activation}; {b.environment()}")
+    timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, repeat)
+    _print_timings(timings)
+    for label, value in b.ratios(timings):
+        click.echo(f"  {label:<32} {value:6.2f}x")
+
+
+@bench.command("matmul")
+@click.option("--backend", default="numpy", show_default=True)
+@click.option("--device", default=None)
+@click.option("--size", default=1024, show_default=True)
+def bench_matmul(backend, device, size):
+    """float32 matmul throughput of a backend next to NumPy's."""
+    from moe_min import bench as b
+
+    click.echo(b.environment())
+    _print_timings(b.matmul_gflops(_backend(backend, device), size))

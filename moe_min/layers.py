@@ -28,20 +28,31 @@ def experts(ops: Ops, spec: ExpertMLP, params: dict, h: Array) -> Array:
     return mlp(ops, spec, h, params["expert_w1"], params["expert_w2"], params.get("expert_w3"))
 
 
-def apply_slots(ops: Ops, expert_fn, x: Array, slot_token: Array, slot_weight: Array) -> Array:
+def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:
     """y[g, s] = Σ over slots (e, c) holding token s of slot_weight · expert_e(x[g, s]).
 
-    Padded per-expert buffers (E, G·C, D) and one batched matmul: 1.1x a dense MLP on CPU
-    (reference/backends.md §1). Empty slots (-1) read and write one spare zero row."""
+    Padded per-expert buffers (E, G·C, D) filled by one row gather, every expert in one
+    batched matmul: 1.1x a dense MLP on CPU (reference/backends.md §1), where sort +
+    gather_mm costs 4x. Token choice combines by gathering each token's K slot outputs
+    (plan.choice_slot); other plans scatter-add. Empty slots read a spare zero row."""
     G, S, D = x.shape
-    E, C = slot_token.shape[1], slot_token.shape[2]
-    index = ops.reshape(ops.where(slot_token < 0, S, slot_token), (G, E * C, 1))
-    padded = ops.concatenate([x, ops.zeros((G, 1, D))], axis=1)
-    buffers = ops.take_along_axis(padded, index, axis=1)  # (G, E*C, D)
-    buffers = ops.reshape(ops.transpose(ops.reshape(buffers, (G, E, C, D)), (1, 0, 2, 3)),
-                          (E, G * C, D))
-    out = ops.transpose(ops.reshape(expert_fn(buffers), (E, G, C, D)), (1, 0, 2, 3))
-    out = ops.reshape(out, (G, E * C, D)) * ops.reshape(slot_weight, (G, E * C, 1))
+    E, C = plan.slot_token.shape[1], plan.slot_token.shape[2]
+    rows = ops.where(plan.slot_token < 0, S, plan.slot_token) + \
+        ops.reshape(ops.arange(G), (G, 1, 1)) * (S + 1)  # (G, E, C) into the padded rows
+    padded = ops.reshape(ops.concatenate([x, ops.zeros((G, 1, D))], axis=1), (G * (S + 1), D))
+    buffers = ops.take(padded, ops.reshape(ops.transpose(rows, (1, 0, 2)), (E * G * C,)), axis=0)
+    out = ops.reshape(expert_fn(ops.reshape(buffers, (E, G * C, D))), (E, G, C, D))
+    out = ops.reshape(ops.transpose(out, (1, 0, 2, 3)), (G, E * C, D))
+    if plan.choice_slot is not None:  # gather: each token reads its K slots
+        K = plan.choice_slot.shape[-1]
+        out = ops.reshape(ops.concatenate([out, ops.zeros((G, 1, D))], axis=1),
+                          (G * (E * C + 1), D))
+        picks = plan.choice_slot + ops.reshape(ops.arange(G), (G, 1, 1)) * (E * C + 1)
+        picked = ops.reshape(ops.take(out, ops.reshape(picks, (G * S * K,)), axis=0),
+                             (G, S, K, D))
+        return ops.sum(picked * ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
+    index = ops.reshape(ops.where(plan.slot_token < 0, S, plan.slot_token), (G, E * C, 1))
+    out = out * ops.reshape(plan.slot_weight, (G, E * C, 1))
     y = ops.scatter_add(ops.zeros((G, S + 1, D)), ops.broadcast_to(index, (G, E * C, D)), out,
                         axis=1)
     return y[:, :S]
@@ -143,7 +154,7 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
             y = apply_soft(ops, expert_fn, xg, plan.dispatch, plan.combine, spec.num_experts,
                            spec.round_bf16)
         else:
-            y = apply_slots(ops, expert_fn, xg, plan.slot_token, plan.slot_weight)
+            y = apply_slots(ops, expert_fn, xg, plan)
     out = {"y": ops.reshape(y, (T, D) if squeeze else (B, T, D))}
     for name in ("slot_token", "slot_weight", "dispatch", "combine"):
         if getattr(plan, name) is not None:

@@ -77,6 +77,10 @@ class Ops(Protocol):
     def top_k(self, x: Array, k: int, axis: int = -1) -> tuple[Array, Array]:
         """(values, indices) of the k largest along axis, descending; ties: lower index first."""
 
+    def take(self, x: Array, idx: Array, axis: int) -> Array:
+        """NumPy's take: whole slices of x at the integer positions idx (any shape) along axis;
+        the cheap row gather that buffers and combines use."""
+
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         """NumPy's take_along_axis; idx has x's ndim and broadcasts on the other axes."""
 
@@ -87,7 +91,8 @@ class Ops(Protocol):
     def cumsum(self, x: Array, axis: int) -> Array: ...
     def stop_gradient(self, x: Array) -> Array: ...
     def round_bfloat16(self, x: Array) -> Array:
-        """x rounded to the nearest bfloat16 (ties to even), kept in the compute dtype."""
+        """x rounded to the nearest bfloat16 (ties to even), kept in the compute dtype; the
+        gradient passes straight through, as a framework's cast does."""
 
     # training hooks: a backend without autodiff raises NotImplementedError (rows say "n/a")
     def grad(self, fn, params: dict, x: Array) -> dict:

@@ -27,6 +27,8 @@ class Plan:
     groups: tuple[int, int]  # (G, S)
     slot_token: Array | None = None  # (G, E, C) int, -1 marks an empty slot
     slot_weight: Array | None = None  # (G, E, C)
+    choice_slot: Array | None = None  # (G, S, K) token choice: flat slot e*C+c, E*C if dropped
+    choice_weight: Array | None = None  # (G, S, K) its combine weight, 0 if dropped
     dispatch: Array | None = None  # (G, E*P, S), rows sum to 1 over tokens
     combine: Array | None = None  # (G, S, E*P), rows sum to 1 over slots
     aux: dict = field(default_factory=dict)
@@ -131,8 +133,12 @@ def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: i
     slot_weight = ops.scatter_add(ops.zeros((G, E * C + 1)), slot, weight, axis=-1)
     per_token = ops.scatter_add(ops.zeros((G, S), "int"), token, ops.astype(kept, "int"), axis=-1)
     load = ops.where(demand < C, demand, C)
+    by_token = ops.argsort(token, axis=-1)  # stable: a token's K claims stay in k order
+    choice_slot = ops.reshape(ops.take_along_axis(slot, by_token, axis=-1), (G, S, K))
+    choice_weight = ops.take_along_axis(ops.where(kept, weight, 0.0), by_token, axis=-1)
     return (ops.reshape(slot_token[:, : E * C] - 1, (G, E, C)),
-            ops.reshape(slot_weight[:, : E * C], (G, E, C)), per_token, load)
+            ops.reshape(slot_weight[:, : E * C], (G, E, C)), per_token, load,
+            choice_slot, ops.reshape(choice_weight, (G, S, K)))
 
 
 def _token_choice(spec: TokenChoice, x, params, ops: Ops, mode, noise, validate) -> Plan:
@@ -154,7 +160,7 @@ def _token_choice(spec: TokenChoice, x, params, ops: Ops, mode, noise, validate)
     top_gate, top_expert = ops.top_k(gates, K, axis=-1)  # (G, S, K), ties: lower expert
     weight = top_gate / ops.sum(top_gate, axis=-1, keepdims=True) if spec.renormalize else top_gate
     C = spec.slots(S)
-    slot_token, slot_weight, per_token, load = _claim_slots(
+    slot_token, slot_weight, per_token, load, choice_slot, choice_weight = _claim_slots(
         ops, spec, top_gate, ops.stop_gradient(top_expert), weight, C)
 
     chosen = top_expert[..., :1] if spec.load_balance_counting == "top1" else top_expert
@@ -174,7 +180,7 @@ def _token_choice(spec: TokenChoice, x, params, ops: Ops, mode, noise, validate)
     stats = {"load": load, "dropped": G * S * K - ops.sum(load),
              "unrouted": ops.sum(ops.astype(per_token == 0, "int")),
              "experts_per_token": ops.reshape(per_token, (B, T))}
-    return Plan((G, S), slot_token, slot_weight, aux=aux, stats=stats)
+    return Plan((G, S), slot_token, slot_weight, choice_slot, choice_weight, aux=aux, stats=stats)
 
 
 def _causal_decisions(ops: Ops, spec, params, x, router_logits, x_predictor):

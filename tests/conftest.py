@@ -10,7 +10,8 @@ import pytest
 from moe_min.ops import get_backend
 
 # (backend, device): each is its own conformance run
-BACKENDS = [("numpy", None)]
+BACKENDS = [("numpy", None), ("mlx", "cpu")]
+AUTODIFF = [b for b in BACKENDS if b[0] != "numpy"]
 _skipped: dict[str, str] = {}
 _cache: dict[str, object] = {}
 
@@ -38,6 +39,11 @@ def load_backend(name, device):
 
 @pytest.fixture(params=BACKENDS, ids=[backend_id(*b) for b in BACKENDS])
 def ops(request):
+    return load_backend(*request.param)
+
+
+@pytest.fixture(params=AUTODIFF, ids=[backend_id(*b) for b in AUTODIFF])
+def autodiff_ops(request):
     return load_backend(*request.param)
 
 
