@@ -107,7 +107,9 @@ def test_wheel_metadata_entry_points_and_core_dependencies(wheel):
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
         meta = whl.read(f"{info}/METADATA").decode()
     assert "moe-min = moe_min.cli:main" in entry_points
-    assert "[moe_min.backends]\nnumpy = moe_min.backends.ops_numpy:NumpyOps" in entry_points
+    group = entry_points.split("[moe_min.backends]\n", 1)[1].split("\n\n")[0].splitlines()
+    assert "numpy = moe_min.backends.ops_numpy:NumpyOps" in group
+    assert "mlx = moe_min.backends.ops_mlx:MlxOps" in group
     requires = [
         line.split(":", 1)[1].strip()
         for line in meta.splitlines()
