@@ -85,7 +85,9 @@ def ratios(timings: list[Timing]) -> list[tuple[str, float]]:
     t = {x.name: x.seconds for x in timings}
     pairs = [("MoE/dense throughput, fwd", "dense MLP fwd", "MoE layer fwd"),
              ("MoE/dense throughput, fwd+bwd", "dense MLP fwd+bwd", "MoE layer fwd+bwd"),
-             ("routing share of the MoE fwd", "routing (plan only)", "MoE layer fwd")]
+             ("routing share of the MoE fwd", "routing (plan only)", "MoE layer fwd"),
+             ("MoE/mlx-lm SwitchMLP, fwd", "mlx-lm SwitchMLP fwd", "MoE layer fwd"),
+             ("MoE/mlx-lm SwitchMLP, fwd+bwd", "mlx-lm SwitchMLP fwd+bwd", "MoE layer fwd+bwd")]
     return [(label, t[a] / t[b]) for label, a, b in pairs if t.get(a) and t.get(b)]
 
 
@@ -106,3 +108,53 @@ def matmul_gflops(ops, n: int = 1024, repeat: int = 5) -> list[Timing]:
     ref = median_time(lambda: a @ b, repeat)
     return [Timing(f"{ops.name} matmul {n}³", own, f"{flops / own / 1e9:.1f} GFLOP/s"),
             Timing(f"numpy matmul {n}³", ref, f"{flops / ref / 1e9:.1f} GFLOP/s")]
+
+
+def _import_mlx_lm_switch_layers():
+    """mlx_lm/__init__ imports huggingface_hub; its switch layers need only mlx, so load them
+    under a bare package module when the hub is absent (reference/backends.md §1)."""
+    import importlib.util
+    import sys
+    import types
+
+    found = importlib.util.find_spec("mlx_lm")
+    if found is None:
+        return None
+    if "mlx_lm" not in sys.modules and importlib.util.find_spec("huggingface_hub") is None:
+        package = types.ModuleType("mlx_lm")
+        package.__path__ = list(found.submodule_search_locations)
+        sys.modules["mlx_lm"] = package
+    from mlx_lm.models import switch_layers
+
+    return switch_layers
+
+
+def mlx_lm_layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2,
+                 repeat=5, seed=0) -> list[Timing]:
+    """mlx-lm's MoE compute (sort by expert + gather_mm) with its own routing, ReLU experts,
+    on the same shapes; for the ratio against our layer. MLX only."""
+    layers = _import_mlx_lm_switch_layers() if ops.name == "mlx" else None
+    if layers is None:
+        why = "needs the mlx backend and mlx-lm (pip install 'moe-min[bench]')"
+        return [Timing("mlx-lm SwitchMLP fwd", None, why)]
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    mx.random.seed(seed)
+    switch = layers.SwitchMLP(dim, hidden, experts, activation=nn.ReLU())
+    router = mx.random.normal((dim, experts)) * dim ** -0.5
+    x = mx.random.normal((tokens, dim))
+
+    def block(params, x_):  # mlx-lm's Mixtral block: argpartition, softmax over the K kept
+        switch.update(params)
+        gates = x_ @ router
+        inds = mx.stop_gradient(mx.argpartition(-gates, kth=top_k - 1, axis=-1)[..., :top_k])
+        scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1)
+        return (switch(x_, inds) * scores[..., None]).sum(axis=-2).sum()
+
+    params = switch.trainable_parameters()
+    grad = mx.grad(block)
+    return [Timing("mlx-lm SwitchMLP fwd", median_time(lambda: mx.eval(block(params, x)),
+                                                       repeat)),
+            Timing("mlx-lm SwitchMLP fwd+bwd", median_time(lambda: mx.eval(grad(params, x)),
+                                                           repeat))]

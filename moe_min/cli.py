@@ -96,6 +96,8 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
     click.echo(f"{backend} on {ops.device}: T={tokens} D={dim} H={hidden} E={experts} "
                f"K={top_k} {activation}; {b.environment()}")
     timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, repeat)
+    if activation == "relu":
+        timings += b.mlx_lm_layer(ops, tokens, dim, hidden, experts, top_k, repeat)
     _print_timings(timings)
     for label, value in b.ratios(timings):
         click.echo(f"  {label:<32} {value:6.2f}x")
