@@ -95,9 +95,13 @@ def attention(ops: Ops, q, k, v, q_pos, k_pos, k_valid) -> Array:
     return ops.softmax(ops.where(allowed, scores, -1e9), axis=-1) @ v
 
 
-def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array, valid: Array):
+def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array, valid: Array,
+                 ffn=None, kv=None):
     """f(h): a pre-norm transformer block without its residual, over the routed tokens only.
-    h (B, N, D) at true `positions` (B, N); `valid` marks real (not padding) rows."""
+    h (B, N, D) at true `positions` (B, N); `valid` marks real (not padding) rows.
+    `ffn(u)`, if given, replaces the MLP (an MoE layer in a model). `kv(k, v, positions, valid)`,
+    if given, returns the keys (rotated), values, positions and validity to attend over: a KV
+    cache prepends its entries and stores the new ones."""
     B, N, D = h.shape
     heads, eps = block["heads"], block["norm_eps"]
 
@@ -107,15 +111,20 @@ def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array
     normed = rms_norm(ops, h, params["block_norm1"], eps)
     q, k, v = (split(normed @ params[f"block_w{n}"]) for n in "qkv")
     q, k = rope(ops, q, positions, block["rope_base"]), rope(ops, k, positions, block["rope_base"])
-    a = ops.transpose(attention(ops, q, k, v, positions, positions, valid), (0, 2, 1, 3))
+    k, v, k_pos, k_valid = (k, v, positions, valid) if kv is None else kv(k, v, positions, valid)
+    a = ops.transpose(attention(ops, q, k, v, positions, k_pos, k_valid), (0, 2, 1, 3))
     a = ops.reshape(a, (B, N, D)) @ params["block_wo"]
     u = rms_norm(ops, h + a, params["block_norm2"], eps)
+    if ffn is not None:
+        return a + ffn(u)
     return a + mlp(ops, block["mlp"], u, params["block_w1"], params["block_w2"],
                    params.get("block_w3"))
 
 
-def apply_mod(ops: Ops, block: dict, params: dict, x: Array, plan: Plan) -> Array:
-    """x + weight·f(x̃) at the routed tokens, x elsewhere."""
+def apply_mod(ops: Ops, block: dict, params: dict, x: Array, plan: Plan, positions=None,
+              kv=None) -> Array:
+    """x + weight·f(x̃) at the routed tokens, x elsewhere. `positions` (B, T): the true
+    positions of x's tokens (default 0..T-1, the layer alone); `kv` as in `block_branch`."""
     B, T, D = x.shape
     C = plan.slot_token.shape[-1]
     slot_token = ops.reshape(plan.slot_token, (B, C))
@@ -123,7 +132,10 @@ def apply_mod(ops: Ops, block: dict, params: dict, x: Array, plan: Plan) -> Arra
     index = ops.reshape(ops.where(valid, slot_token, T), (B, C, 1))
     padded = ops.concatenate([x, ops.zeros((B, 1, D))], axis=1)
     routed = ops.take_along_axis(padded, index, axis=1)  # (B, C, D)
-    f = block_branch(ops, block, params, routed, ops.where(valid, slot_token, 0), valid)
+    slot_pos = ops.where(valid, slot_token, 0)
+    if positions is not None:
+        slot_pos = ops.take_along_axis(positions, slot_pos, axis=1)
+    f = block_branch(ops, block, params, routed, slot_pos, valid, kv=kv)
     update = f * ops.reshape(plan.slot_weight, (B, C, 1))
     delta = ops.scatter_add(ops.zeros((B, T + 1, D)), ops.broadcast_to(index, (B, C, D)), update,
                             axis=1)
