@@ -44,7 +44,9 @@ def init_state(ops: Ops, params: dict) -> dict:
 
 
 def global_norm(ops: Ops, grads: dict):
-    return ops.sqrt(sum(ops.sum(g * g) for g in grads.values()))
+    # summed in name order: a float sum depends on its order, and a resumed run's dicts come
+    # from a checkpoint in another order; the clip would then differ in the last bit
+    return ops.sqrt(sum(ops.sum(grads[name] * grads[name]) for name in sorted(grads)))
 
 
 def step(ops: Ops, hp: AdamW, params: dict, grads: dict, state: dict, lr):

@@ -113,3 +113,98 @@ def bench_matmul(backend, device, size):
 
     click.echo(b.environment())
     _print_timings(b.matmul_gflops(_backend(backend, device), size))
+
+
+# ---- training and sampling (models/train.py, models/generate.py) ---------------------------
+
+def _run_library(fn, *args, **kwargs):
+    """Call into the library; a bad input (config, --set, data, checkpoint, prompt) becomes
+    one line and exit status 1, never a traceback."""
+    from moe_min.models.data import DataError
+    from moe_min.spec import SpecError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, DataError, SpecError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) \
+            from None
+
+
+class _Progress:
+    """A click progress bar (click is a dependency already) with loss, tokens/s and ETA."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done, total, record):
+        if self.bar is None:
+            self.bar = click.progressbar(length=total - done + 1, label="train", width=24,
+                                         show_eta=True, item_show_func=lambda text: text)
+        self.bar.update(1, f"step {done}  loss {record['objective']:.3f}  "
+                           f"{record['tokens_per_s']:,.0f} tok/s")
+        if done == total:
+            self.bar.render_finish()
+
+
+@main.command()
+@click.option("--config", "config_name", default=None, help="Preset name, e.g. tiny-mod.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field (dotted for nested specs); repeatable.")
+@click.option("--backend", default=None, help="Default: mlx if installed, else tinygrad.")
+@click.option("--device", default=None)
+@click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
+              help="A UTF-8 text file (default: CPython's pydoc topics).")
+@click.option("--steps", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--eval-every", type=int, default=None)
+@click.option("--out", default="runs/latest", show_default=True, type=click.Path())
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+def train(config_name, overrides, backend, device, data_path, steps, batch_size, lr, seed,
+          eval_every, out, resume):
+    """Train a routed byte-level model; metrics, plots and checkpoint go to --out."""
+    from moe_min.models import train as t
+
+    given = {"batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every,
+             "data": data_path}
+    given = {k: v for k, v in given.items() if v is not None}
+    if resume and (config_name or overrides or given):
+        raise click.ClickException("--resume continues the run in --out with its own config "
+                                   "and settings: give only --out, --steps, --backend, --device")
+    config = None if resume else _run_library(t.model_config, config_name or "tiny-dense",
+                                              overrides)
+    tc = None if resume else t.TrainConfig(**given, **({"steps": steps} if steps else {}))
+    result = _run_library(t.train, config, tc, out=out, backend=backend, device=device,
+                          resume=resume, steps=steps if resume else None, on_step=_Progress(),
+                          log=click.echo)
+    click.echo(f"done: {result['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {out}/checkpoint")
+
+
+@main.command()
+@click.option("--checkpoint", "checkpoint", default="runs/latest/checkpoint", show_default=True,
+              type=click.Path())
+@click.option("--prompt", default="def ", show_default=True)
+@click.option("--max-tokens", type=int, default=200, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", default=None, help="Default: mlx if installed, else tinygrad.")
+@click.option("--device", default=None)
+def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, backend, device):
+    """Sample text from a trained decoder, streamed as it is produced."""
+    from moe_min.models import generate as g
+    from moe_min.models import train as t
+
+    ckpt = _run_library(t.load_checkpoint, checkpoint, optimizer=False)
+    if t.is_encoder(ckpt.config):
+        raise click.ClickException(f"{checkpoint}: an encoder (Soft MoE) checkpoint cannot "
+                                   "generate: Soft MoE is not causal")
+    _run_library(g.check_prompt, ckpt.config, len(prompt.encode("utf-8")))
+    ops = _backend(backend or _run_library(t.default_backend), device)
+    sampler = _run_library(g.make_sampler, temperature, top_k, top_p, seed)
+    click.echo(prompt, nl=False)
+    _, speed, count = g.generate(ops, ckpt.config, ckpt.params, prompt, max_tokens=max_tokens,
+                                 sampler=sampler, emit=lambda s: click.echo(s, nl=False))
+    click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s]", err=True)

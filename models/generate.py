@@ -1,0 +1,103 @@
+"""Sampling from a trained decoder: `generate_step` yields one token at a time (prefill of the
+prompt through the causal path into the KV cache, then one token per call; mlx-lm
+`generate.py: generate_step`), `make_sampler` returns the sampling closure (mlx-lm
+`sample_utils.py`), and `generate` streams text on top. Sampling runs in NumPy on the
+float64 log-probabilities, so a seed gives the same text on every backend that gives the same
+logits. May import: anything but cli.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from moe_min.models import data, lm
+
+
+def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> Callable[[np.ndarray], int]:
+    """A closure: log-probabilities (V,) -> token id. temperature 0 is greedy; top_k > 0
+    keeps the k most likely tokens; top_p < 1 keeps the smallest set whose probability
+    reaches top_p (nucleus). Its generator is seeded once: the same seed, the same draws."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampler: temperature {temperature} (>= 0), top_k {top_k} (>= 0), "
+                         f"top_p {top_p} (in (0, 1]) out of range")
+    rng = np.random.default_rng(seed)
+
+    def sample(logprobs: np.ndarray) -> int:
+        logprobs = np.asarray(logprobs, np.float64)
+        if temperature == 0:
+            return int(np.argmax(logprobs))
+        order = np.argsort(-logprobs, kind="stable")  # most likely first, ties by id
+        keep = len(order) if top_k == 0 else min(top_k, len(order))
+        scaled = logprobs[order[:keep]] / temperature
+        p = np.exp(scaled - scaled.max())
+        p /= p.sum()
+        if top_p < 1:
+            # the nucleus: tokens up to and including the one where the mass reaches top_p
+            cut = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+            p = p[:cut] / p[:cut].sum()
+        return int(order[rng.choice(len(p), p=p)])
+
+    return sample
+
+
+def generate_step(ops, config, params: dict, prompt: np.ndarray, *,
+                  sampler: Callable[[np.ndarray], int],
+                  max_tokens: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (token, log-probabilities (V,)) for each new token after `prompt` (1-d token
+    ids), at most `max_tokens` and never past the context. The prompt is prefilled in one
+    causal call, which also fills the cache; each new token is then one decode call."""
+    prompt = np.asarray(prompt, np.int32).reshape(-1)
+    check_prompt(config, len(prompt))
+    room = config.context - len(prompt)
+    limit = room if max_tokens is None else min(max_tokens, room)
+    cache = lm.new_cache(config, batch=1)
+    logits, cache = lm.decode(ops, config, params, prompt[None], cache, 0)
+    position = len(prompt)
+    for _ in range(limit):
+        last = ops.to_numpy(logits[:, -1])[0].astype(np.float64)
+        logprobs = last - np.logaddexp.reduce(last)
+        token = sampler(logprobs)
+        yield token, logprobs
+        position += 1
+        if position >= config.context:
+            return
+        logits, cache = lm.decode(ops, config, params, np.array([[token]], np.int32), cache,
+                                  position - 1)
+
+
+def check_prompt(config, length: int) -> None:
+    if length == 0:
+        raise ValueError("the prompt is empty: give at least one byte (e.g. --prompt 'def ')")
+    if length >= config.context:
+        raise ValueError(f"the prompt is {length} bytes: the context is {config.context}, so "
+                         f"it must be at most {config.context - 1} to leave room to generate")
+
+
+def generate(ops, config, params: dict, prompt: str, *, max_tokens: int = 200,
+             sampler: Callable[[np.ndarray], int], emit: Callable[[str], None] | None = None):
+    """Generate text after `prompt`; each piece of text goes to `emit` as soon as its bytes
+    form whole UTF-8 characters. Returns (text, tokens per second of the whole generation,
+    prefill included, and the number of tokens)."""
+    tokens = data.encode(prompt)
+    check_prompt(config, len(tokens))
+    params = {k: ops.asarray(v) for k, v in params.items()}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces, count, start = [], 0, time.perf_counter()
+    for token, _ in generate_step(ops, config, params, tokens, sampler=sampler,
+                                  max_tokens=max_tokens):
+        count += 1
+        piece = decoder.decode(bytes([token]))
+        if piece:
+            pieces.append(piece)
+            if emit:
+                emit(piece)
+    tail = decoder.decode(b"", final=True)
+    if tail and emit:
+        emit(tail)
+    seconds = time.perf_counter() - start
+    return "".join(pieces) + tail, count / seconds if seconds > 0 else 0.0, count

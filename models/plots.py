@@ -1,0 +1,119 @@
+"""A run's records and plots: `Metrics` keeps OUT/metrics.jsonl (one JSON record a line),
+`write_all` draws `loss.png` (train loss, validation loss in training mode and in causal
+mode) and `load.png` (per routed block, each expert's share of the routed tokens, training
+mode beside causal mode). matplotlib (Agg) is optional: without it the plots are skipped.
+May import: stdlib, matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class Metrics:
+    """OUT/metrics.jsonl, one JSON record a line. Opening it for a run that starts at `step`
+    drops what an interrupted run logged after its last checkpoint, so the file (rewritten
+    atomically) tells one run."""
+
+    def __init__(self, path: Path, step: int):
+        self.path, self.records = path, []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line, cut by a kill in the middle of an append
+                continue
+            if record["step"] <= step:
+                self.records.append(record)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
+        os.replace(tmp, path)
+
+    def add(self, record: dict):
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    """Atomic, like every file a run writes: a temp file beside the target, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def plot_loss(records: list[dict], path: Path, plt) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    steps = [r for r in records if "objective" in r]
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["objective"] for r in steps], lw=0.6, alpha=0.4,
+                color="tab:blue", label="train objective (CE + aux), per step")
+    for split, mode, color, label in (
+            ("train", "eval", "tab:blue", "train"),
+            ("val", "eval", "tab:orange", "val (training-mode routing)"),
+            ("val", "causal", "tab:green", "val (causal routing, as sampled)")):
+        found = [r for r in records if r.get("mode") == mode and r["split"] == split]
+        if found:
+            ax.plot([r["step"] for r in found], [r["loss"] for r in found], "o-", ms=3,
+                    color=color, label=label)
+    ax.set(xlabel="step", ylabel="cross-entropy, nats / byte", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_load(records: list[dict], path: Path, plt) -> bool:
+    """One panel per routed block: each expert's share of the routed tokens at the last
+    evaluation (MoD blocks: the routed fraction). Nothing to draw for a dense model."""
+    last = {r["mode"]: r for r in records if "mode" in r and r["split"] == "val"}
+    blocks = sorted(last.get("eval", {}).get("blocks", {}), key=int)
+    if not blocks:
+        return False
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.2), squeeze=False)
+    for ax, b in zip(axes[0], blocks):
+        for shift, mode, color in ((-0.2, "eval", "tab:orange"), (0.2, "causal", "tab:green")):
+            if mode not in last:
+                continue
+            stats = last[mode]["blocks"][b]
+            share = stats["load"] if len(stats["load"]) > 1 else [stats["routed_fraction"]]
+            ax.bar([i + shift for i in range(len(share))], share, width=0.4, color=color,
+                   label=mode)
+        ax.set(title=f"block {b}", xlabel="expert" if len(share) > 1 else "routed fraction")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("share of routed tokens")
+    axes[0][0].legend()
+    fig.suptitle(f"load at step {last['eval']['step']}")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_all(records: list[dict], out: Path) -> list[Path]:
+    """Write loss.png and load.png under `out`; returns the paths written."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    out = Path(out)
+    plot_loss(records, out / "loss.png", plt)
+    return [out / "loss.png"] + ([out / "load.png"] if plot_load(records, out / "load.png", plt)
+                                 else [])

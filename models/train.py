@@ -1,0 +1,390 @@
+"""Train a routed byte-level LM (or the Soft MoE encoder) on one machine, in the order it runs
+(nanoGPT `train.py`, mlx-examples `transformer_lm/main.py`): config, data, parameters,
+optimizer, then the loop (batch, value_and_grad, AdamW, report, evaluate, checkpoint).
+
+Checkpoints are `OUT/checkpoint/` = model.safetensors + optimizer.safetensors + config.json
+(model config with its routing spec, train settings, step, checksums), never pickled. Every
+file is written atomically, and the directory itself is swapped in by renaming a symlink, so
+a kill at any moment leaves the previous checkpoint whole. A run depends only on (settings,
+seed, step), so `resume=True` continues the same loss curve. May import: anything but cli.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from moe_min.models import configs, data, optim, plots
+from moe_min.ops import backend_entry_points, get_backend
+from moe_min.tensorio import load_safetensors, save_safetensors
+
+FORMAT = "moe_min.checkpoint/1"
+FILES = ("model.safetensors", "optimizer.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated or tampered checkpoint; the message is one line."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that changes the numbers of a run besides the model config (STYLE §2.5)."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4  # cosine floor (nanoGPT: lr / 10)
+    warmup: int = 100
+    seed: int = 0
+    eval_every: int = 250  # steps; also where checkpoints are written
+    eval_windows: int = 64  # windows per periodic evaluation (and for the train split)
+    final_windows: int = 0  # windows of the last evaluation; 0: the whole validation split
+    eval_batch: int = 64
+    mask_rate: float = 0.15  # encoder only: the fraction of bytes masked (BERT)
+    compile: bool = True  # the backend's jit around the whole step, where it has one
+    data: str | None = None  # a UTF-8 text file; None: CPython's pydoc topics
+    optimizer: optim.AdamW = field(default_factory=optim.AdamW)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{**d, "optimizer": optim.AdamW(**d["optimizer"])})
+
+
+def default_backend() -> str:
+    """$MOE_MIN_BACKEND, else MLX (Metal or CUDA when present, else CPU on OpenBLAS), else
+    tinygrad: the first installed framework with autodiff."""
+    found = backend_entry_points()
+    for name in (os.environ.get("MOE_MIN_BACKEND"), "mlx", "tinygrad"):
+        if name and name in found:
+            return name
+    raise ValueError("no backend with autodiff installed: pip install 'moe-min[mlx]'")
+
+
+def model_config(name: str, overrides: list[str] = ()):
+    """A preset with `--set` overrides applied (models.configs reports bad keys and values)."""
+    if name not in configs.PRESETS:
+        raise ValueError(f"unknown config {name!r}: expected one of "
+                         f"{', '.join(sorted(configs.PRESETS))}")
+    return configs.apply_overrides(configs.PRESETS[name], list(overrides))
+
+
+def is_encoder(config) -> bool:
+    return isinstance(config, configs.EncoderConfig)
+
+
+def model_module(config):
+    from moe_min.models import encoder, lm
+
+    return encoder if is_encoder(config) else lm
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # makes the renames inside `path` durable
+    os.close(fd)
+
+
+def _write_json(path: Path, obj):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, config, train: TrainConfig, step: int, params: dict,
+                    opt_state: dict, extra: dict | None = None) -> Path:
+    """Write OUT/checkpoints/step-N/ completely (each file atomic, config.json with the
+    checksums last), then point the OUT/checkpoint symlink at it with one rename."""
+    out, name = Path(out), f"step-{step:07d}"
+    final, link = out / "checkpoints" / name, out / "checkpoint"
+    if link.exists() and not link.is_symlink():
+        raise CheckpointError(f"{link}: exists and is not the symlink this run manages")
+    partial = out / "checkpoints" / f".partial-{name}"
+    shutil.rmtree(partial, ignore_errors=True)  # a leftover of a killed run
+    partial.mkdir(parents=True)
+    save_safetensors(partial / FILES[0], params, {"format": FORMAT})
+    save_safetensors(partial / FILES[1], opt_state, {"format": FORMAT})
+    _write_json(partial / "config.json", {
+        "format": FORMAT, "kind": type(config).__name__, "model": config.to_dict(),
+        "train": asdict(train), "step": step, "rng": {"seed": train.seed, "step": step},
+        "files": {f: _sha256(partial / f) for f in FILES},
+        "shapes": {k: list(v.shape) for k, v in params.items()}, **(extra or {})})
+    for f in partial.iterdir():
+        f.chmod(0o644)  # mkstemp makes 0600 files: a checkpoint is meant to be shared
+    _fsync_dir(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    tmp_link = out / f".checkpoint-{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    os.symlink(Path("checkpoints") / name, tmp_link)
+    os.replace(tmp_link, link)  # the one atomic switch from the old checkpoint to the new
+    _fsync_dir(out)
+    for old in (out / "checkpoints").iterdir():  # only now may the previous one go
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return link
+
+
+@dataclass
+class Checkpoint:
+    config: object
+    train: TrainConfig
+    step: int
+    params: dict  # name -> np.ndarray
+    opt_state: dict
+    meta: dict
+
+
+def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint directory; any defect is one CheckpointError line."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no checkpoint here (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / 'config.json'}: not a {FORMAT} checkpoint")
+    try:
+        kind = getattr(configs, meta["kind"])
+        config = kind.from_dict(meta["model"])
+        train = TrainConfig.from_dict(meta["train"])
+        step, sums, shapes = int(meta["step"]), meta["files"], meta["shapes"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: bad contents ({e})") from None
+    arrays = {}
+    for name in FILES[:2] if optimizer else FILES[:1]:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+        if _sha256(path / name) != sums.get(name):
+            raise CheckpointError(f"{path / name}: checksum mismatch (truncated or modified "
+                                  "since it was written)")
+        try:
+            arrays[name] = load_safetensors(path / name)[0]
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    params = arrays[FILES[0]]
+    want = {k: tuple(v.shape) for k, v in model_module(config).init_params(config, 0).items()}
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if got != want or got != {k: tuple(v) for k, v in shapes.items()}:
+        bad = sorted(set(got) ^ set(want)) or [k for k in want if got.get(k) != want[k]]
+        raise CheckpointError(f"{path}: weights do not match the config (e.g. {bad[0]!r})")
+    return Checkpoint(config, train, step, params, arrays.get(FILES[1], {}), meta)
+
+
+# ---- one step, evaluation ------------------------------------------------------------------
+
+def make_step(ops, config, tc: TrainConfig):
+    """(params, opt_state, x, y, lr) -> (loss, grad norm, params, opt_state): value_and_grad
+    of the training loss, then AdamW, jitted whole by the backend when tc.compile."""
+    module = model_module(config)
+    if is_encoder(config):
+        def loss(params, x, seed):
+            return module.loss(ops, config, params, x, tc.mask_rate, seed)[0]
+    else:
+        def loss(params, x, y):
+            return module.loss(ops, config, params, x, y, mode="train")[0]
+    grad_fn = ops.value_and_grad(loss)
+
+    def step(params, opt_state, x, y, lr):
+        value, grads = grad_fn(params, x, y)
+        params, opt_state, norm = optim.step(ops, tc.optimizer, params, grads, opt_state, lr)
+        return value, norm, params, opt_state
+
+    # the encoder draws its masks on the host from an int seed: nothing for a jit to trace
+    return ops.compile(step) if tc.compile and not is_encoder(config) else step
+
+
+def materialize(ops, *trees) -> None:
+    """Make lazy backends (MLX, tinygrad) compute every array of `trees` now. The contract has
+    no eval(); reading one host value that depends on every array does the same, and keeps
+    the graph from growing step after step."""
+    arrays = [ops.reshape(ops.sum(a), (1,)) for tree in trees for a in tree.values()]
+    ops.to_numpy(ops.concatenate(arrays, axis=0))
+
+
+def _ce(ops, logits, targets):
+    B, T, V = logits.shape
+    picked = ops.take_along_axis(logits, ops.reshape(targets, (B, T, 1)), axis=-1)
+    return ops.to_numpy(ops.logsumexp(logits, axis=-1) - ops.reshape(picked, (B, T)))
+
+
+def _predictor_scores(pred: np.ndarray, true: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy and recall/precision of "routed": at a routed fraction of
+    12.5 %, always predicting "skip" scores 87.5 % raw accuracy (mod_and_predictor.md P16)."""
+    tp, tn = float((pred & true).sum()), float((~pred & ~true).sum())
+    pos, neg = float(true.sum()), float((~true).sum())
+    recall, specificity = tp / max(pos, 1), tn / max(neg, 1)
+    return {"accuracy": (tp + tn) / max(pos + neg, 1), "balanced_accuracy": 0.5 * (
+        recall + specificity), "recall": recall, "precision": tp / max(float(pred.sum()), 1)}
+
+
+def evaluate(ops, config, params, windows: np.ndarray, mode: str, batch: int,
+             mask_rate: float = 0.15) -> dict:
+    """Mean cross-entropy (nats/byte) over `windows` (N, T+1), and per routed block the
+    expert load, dropped and unrouted fractions, realised routed fraction and predictor
+    scores, in `mode` ("eval": training-mode routing without noise; "causal": per token)."""
+    module, total, count, blocks = model_module(config), 0.0, 0, {}
+    scheme = getattr(config, "mod", None) or config.moe  # router logits (causal="router"): 0
+    threshold = getattr(getattr(scheme, "predictor", None), "threshold", 0.0)
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch]
+        x = ops.asarray(chunk[:, :-1], "int")
+        if is_encoder(config):  # masked bytes, drawn from a fixed seed per chunk
+            value, _ = module.loss(ops, config, params, x, mask_rate, start)
+            total, count = total + float(ops.to_numpy(value)) * len(chunk), count + len(chunk)
+            continue
+        logits, info = module.forward(ops, config, params, x, mode=mode)
+        ce = _ce(ops, logits, ops.asarray(chunk[:, 1:], "int"))
+        total, count = total + float(ce.sum()), count + ce.size
+        for i, stats in info["blocks"].items():
+            acc = blocks.setdefault(i, {"tokens": 0, "pred": [], "true": []})
+            load = ops.to_numpy(stats["load"])
+            acc["load"] = acc.get("load", 0) + load.reshape(-1, load.shape[-1]).sum(0)
+            acc["tokens"] += ce.size
+            for name in ("dropped", "unrouted"):
+                acc[name] = acc.get(name, 0.0) + float(ops.to_numpy(stats[name]))
+            if "predictor_logits" in stats and mode != "causal":
+                acc["pred"].append(ops.to_numpy(stats["predictor_logits"]) > threshold)
+                acc["true"].append(ops.to_numpy(stats["predictor_targets"]) > 0.5)
+    out = {"loss": total / count, "blocks": {}}
+    for i, acc in blocks.items():
+        n, load = acc["tokens"], acc["load"]
+        k = getattr(config.moe, "top_k", 1) if config.block_kind(i) == "moe" else 1
+        report = {"load": (load / max(load.sum(), 1)).round(4).tolist(),  # share per expert
+                  "routed_fraction": 1.0 - acc["unrouted"] / n,  # tokens with >= 1 expert
+                  "experts_per_token": float(load.sum()) / n,
+                  "dropped_fraction": acc["dropped"] / (n * k)}  # token choice's lost choices
+        if acc["pred"]:
+            pred, true = (np.concatenate([a.ravel() for a in acc[key]]) for key in ("pred",
+                                                                                     "true"))
+            report["predictor"] = _predictor_scores(pred, true)
+        out["blocks"][str(i)] = report
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+def _corpus_id(tokens: np.ndarray) -> str:
+    return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+
+
+def validate(ops, config, params, splits: dict, tc: TrainConfig, final: bool) -> list[dict]:
+    """Validation in training-mode routing ("eval") and, for a decoder, in causal mode; and
+    the training split's loss in "eval" mode (the per-step objective also holds aux terms).
+    A model without routed blocks has one mode: its causal report is the "eval" one."""
+    reports = []
+    for split, mode in (("train", "eval"), ("val", "eval"), ("val", "causal")):
+        limit = (tc.final_windows or None) if final and split == "val" else tc.eval_windows
+        windows = data.eval_windows(splits[split], config.context, limit)
+        if mode == "causal" and (is_encoder(config) or not reports[-1]["blocks"]):
+            if not is_encoder(config):
+                reports.append({**reports[-1], "mode": "causal"})
+            continue
+        reports.append({"split": split, "mode": mode, **evaluate(
+            ops, config, params, windows, mode, tc.eval_batch, tc.mask_rate)})
+    return reports
+
+
+def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool):
+    """(config, settings, first step, params, optimizer state, corpus id or None): a fresh
+    run, or the checkpoint in OUT/checkpoint."""
+    if not resume:
+        tc = tc or TrainConfig()
+        return config, tc, 0, model_module(config).init_params(config, tc.seed), None, None
+    if config is not None or tc is not None:
+        raise ValueError("resume takes the config and settings from the checkpoint")
+    c = load_checkpoint(out / "checkpoint")
+    return c.config, c.train, c.step, c.params, c.opt_state, c.meta.get("corpus")
+
+
+def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backend=None,
+          device: str | None = None, resume: bool = False, steps: int | None = None,
+          on_step=None, log=None) -> dict:
+    """Train `config` (an LMConfig or EncoderConfig) under `tc`, writing OUT/metrics.jsonl,
+    OUT/loss.png, OUT/load.png and OUT/checkpoint/. With resume=True, config and settings come
+    from OUT/checkpoint and the run continues where it stopped (`steps` may extend it).
+    `on_step(steps done, steps in all, record)` follows the run (the CLI draws a progress bar),
+    `log(text)` gets a line per evaluation. `backend`: a name or a backend object. Returns the last validation report with timings."""
+    out, log, on_step = Path(out), log or (lambda text: None), on_step or (lambda *a: None)
+    ops = backend if hasattr(backend, "asarray") else get_backend(backend or default_backend(),
+                                                                  device)
+    if not ops.caps.autodiff:
+        raise ValueError(f"backend {ops.name!r} has no autodiff: train with mlx or tinygrad")
+    config, tc, start, params, opt_state, corpus = _start(ops, config, tc, out, resume)
+    tc = replace(tc, steps=steps) if steps is not None else tc
+    tokens = data.load_corpus(tc.data)
+    train_tokens, val_tokens = data.split(tokens)
+    if resume and corpus != _corpus_id(tokens):
+        raise ValueError(f"the corpus ({tc.data or 'pydoc topics'}) differs from the one the "
+                         "checkpoint was trained on")
+    params = {k: ops.asarray(v) for k, v in params.items()}
+    opt_state = {k: ops.asarray(v) for k, v in opt_state.items()} if opt_state else \
+        optim.init_state(ops, params)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = plots.Metrics(out / "metrics.jsonl", start)
+    step_fn, tokens_per_step = make_step(ops, config, tc), tc.batch_size * config.context
+    log(f"{type(config).__name__} {config.dim}d x {config.layers} on {ops.name} "
+        f"({ops.device}); {len(train_tokens):,} train / {len(val_tokens):,} val bytes; "
+        f"bigram entropy {data.bigram_entropy(tokens):.3f} nats/byte; steps {start}..{tc.steps}")
+    train_seconds, report = 0.0, {}
+    for it in range(start, tc.steps):
+        t0 = time.perf_counter()
+        batch = data.batch_at(train_tokens, it, tc.batch_size, config.context, tc.seed)
+        draw = tc.seed * 1_000_003 + it  # routing noise and masks: a function of (seed, step)
+        ops.seed(draw)
+        x = ops.asarray(batch[:, :-1], "int")
+        y = draw if is_encoder(config) else ops.asarray(batch[:, 1:], "int")
+        lr = optim.cosine_lr(it, tc.lr, tc.min_lr, tc.warmup, tc.steps)
+        loss, norm, params, opt_state = step_fn(params, opt_state, x, y,
+                                                ops.asarray(np.float32(lr)))
+        materialize(ops, {"loss": loss, "norm": norm}, params, opt_state)
+        train_seconds += time.perf_counter() - t0
+        done = it + 1
+        metrics.add({"step": done, "split": "train", "objective": float(ops.to_numpy(loss)),
+                     "lr": lr, "grad_norm": float(ops.to_numpy(norm)),
+                     "tokens_per_s": (done - start) * tokens_per_step / train_seconds})
+        on_step(done, tc.steps, metrics.records[-1])
+        if done % tc.eval_every == 0 or done == tc.steps:
+            reports = validate(ops, config, params, {"train": train_tokens, "val": val_tokens},
+                               tc, final=done == tc.steps)
+            for result in reports:
+                metrics.add({"step": done, **result})
+            report = {r["mode"]: r for r in reports if r["split"] == "val"}
+            log(_summary(done, report))
+            save_checkpoint(out, config, tc, done,
+                            {k: ops.to_numpy(v) for k, v in params.items()},
+                            {k: ops.to_numpy(v) for k, v in opt_state.items()},
+                            {"corpus": _corpus_id(tokens), "backend": ops.name})
+            plots.write_all(metrics.records, out)
+    trained = tc.steps - start
+    return {**report, "step": tc.steps, "train_seconds": train_seconds, "out": str(out),
+            "tokens_per_s": trained * tokens_per_step / train_seconds if trained else None}
+
+
+def _summary(step: int, report: dict) -> str:
+    parts = [f"step {step}:"] + [f"val({m}) {r['loss']:.4f}" for m, r in report.items()]
+    for i, b in report.get("causal", report.get("eval", {})).get("blocks", {}).items():
+        pred = report["eval"]["blocks"][i].get("predictor")
+        parts.append(f"b{i} routed {b['routed_fraction']:.3f}" + (
+            f" bal.acc {pred['balanced_accuracy']:.3f}" if pred else ""))
+    return "  ".join(parts)
+
