@@ -49,25 +49,31 @@ def generate_step(ops, config, params: dict, prompt: np.ndarray, *,
                   sampler: Callable[[np.ndarray], int],
                   max_tokens: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, log-probabilities (V,)) for each new token after `prompt` (1-d token
-    ids), at most `max_tokens` and never past the context. The prompt is prefilled in one
-    causal call, which also fills the cache; each new token is then one decode call."""
-    prompt = np.asarray(prompt, np.int32).reshape(-1)
-    check_prompt(config, len(prompt))
-    room = config.context - len(prompt)
-    limit = room if max_tokens is None else min(max_tokens, room)
-    cache = lm.new_cache(config, batch=1)
-    logits, cache = lm.decode(ops, config, params, prompt[None], cache, 0)
-    position = len(prompt)
-    for _ in range(limit):
+    ids), `max_tokens` of them (None: without end). The prompt is prefilled in one causal
+    call, which also fills the cache; each new token is then one decode call. When the
+    context is full, the last half of it is prefilled afresh at positions 0.. (the model
+    never saw positions past its context), so generation can run past the context."""
+    history = [int(t) for t in np.asarray(prompt).reshape(-1)]
+    check_prompt(config, len(history))
+    window, count = history, 0
+    while max_tokens is None or count < max_tokens:
+        if window is not None:  # (re)fill the cache with a whole window
+            cache = lm.new_cache(config, batch=1)
+            logits, cache = lm.decode(ops, config, params, np.array([window], np.int32),
+                                      cache, 0)
+            position, window = len(window), None
         last = ops.to_numpy(logits[:, -1])[0].astype(np.float64)
         logprobs = last - np.logaddexp.reduce(last)
         token = sampler(logprobs)
         yield token, logprobs
-        position += 1
-        if position >= config.context:
-            return
-        logits, cache = lm.decode(ops, config, params, np.array([[token]], np.int32), cache,
-                                  position - 1)
+        history.append(token)
+        count += 1
+        if position == config.context:
+            window = history[-(config.context // 2):]
+        else:
+            logits, cache = lm.decode(ops, config, params, np.array([[token]], np.int32),
+                                      cache, position)
+            position += 1
 
 
 def check_prompt(config, length: int) -> None:

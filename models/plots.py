@@ -89,7 +89,7 @@ def plot_load(records: list[dict], path: Path, plt) -> bool:
     if not blocks:
         return False
     fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.2), squeeze=False)
-    for ax, b in zip(axes[0], blocks):
+    for ax, b in zip(axes[0], blocks, strict=True):
         for shift, mode, color in ((-0.2, "eval", "tab:orange"), (0.2, "causal", "tab:green")):
             if mode not in last:
                 continue

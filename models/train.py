@@ -38,10 +38,10 @@ class CheckpointError(ValueError):
 class TrainConfig:
     """Everything that changes the numbers of a run besides the model config (STYLE §2.5)."""
 
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr: float = 3e-4  # cosine floor (nanoGPT: lr / 10)
+    steps: int = 1000
+    batch_size: int = 16  # small batches, more steps: best per second on CPU (measured)
+    lr: float = 6e-3
+    min_lr_ratio: float = 0.1  # the cosine's floor is lr * min_lr_ratio (nanoGPT: lr / 10)
     warmup: int = 100
     seed: int = 0
     eval_every: int = 250  # steps; also where checkpoints are written
@@ -52,6 +52,14 @@ class TrainConfig:
     compile: bool = True  # the backend's jit around the whole step, where it has one
     data: str | None = None  # a UTF-8 text file; None: CPython's pydoc topics
     optimizer: optim.AdamW = field(default_factory=optim.AdamW)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_windows", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: expected >= 1")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"TrainConfig lr = {self.lr}, min_lr_ratio = {self.min_lr_ratio}: "
+                             "expected lr > 0 and 0 <= min_lr_ratio <= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -109,35 +117,32 @@ def _write_json(path: Path, obj):
 
 def save_checkpoint(out: Path, config, train: TrainConfig, step: int, params: dict,
                     opt_state: dict, extra: dict | None = None) -> Path:
-    """Write OUT/checkpoints/step-N/ completely (each file atomic, config.json with the
-    checksums last), then point the OUT/checkpoint symlink at it with one rename."""
-    out, name = Path(out), f"step-{step:07d}"
-    final, link = out / "checkpoints" / name, out / "checkpoint"
+    """Write a new directory OUT/checkpoints/step-N-xxxx/ completely (each file atomic,
+    config.json with the checksums last), then point the OUT/checkpoint symlink at it with
+    one rename; only then remove the older directories."""
+    out, link = Path(out), Path(out) / "checkpoint"
     if link.exists() and not link.is_symlink():
         raise CheckpointError(f"{link}: exists and is not the symlink this run manages")
-    partial = out / "checkpoints" / f".partial-{name}"
-    shutil.rmtree(partial, ignore_errors=True)  # a leftover of a killed run
-    partial.mkdir(parents=True)
-    save_safetensors(partial / FILES[0], params, {"format": FORMAT})
-    save_safetensors(partial / FILES[1], opt_state, {"format": FORMAT})
-    _write_json(partial / "config.json", {
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=out / "checkpoints", prefix=f"step-{step:07d}-"))
+    save_safetensors(new / FILES[0], params, {"format": FORMAT})
+    save_safetensors(new / FILES[1], opt_state, {"format": FORMAT})
+    _write_json(new / "config.json", {
         "format": FORMAT, "kind": type(config).__name__, "model": config.to_dict(),
         "train": asdict(train), "step": step, "rng": {"seed": train.seed, "step": step},
-        "files": {f: _sha256(partial / f) for f in FILES},
+        "files": {f: _sha256(new / f) for f in FILES},
         "shapes": {k: list(v.shape) for k, v in params.items()}, **(extra or {})})
-    for f in partial.iterdir():
-        f.chmod(0o644)  # mkstemp makes 0600 files: a checkpoint is meant to be shared
-    _fsync_dir(partial)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    _fsync_dir(final.parent)
+    for path in (new, *new.iterdir()):  # mkdtemp/mkstemp make them private; share them
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    _fsync_dir(new)
+    _fsync_dir(new.parent)
     tmp_link = out / f".checkpoint-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
-    os.symlink(Path("checkpoints") / name, tmp_link)
+    os.symlink(Path("checkpoints") / new.name, tmp_link)
     os.replace(tmp_link, link)  # the one atomic switch from the old checkpoint to the new
     _fsync_dir(out)
-    for old in (out / "checkpoints").iterdir():  # only now may the previous one go
-        if old.name != name:
+    for old in (out / "checkpoints").iterdir():  # the old one, and any a kill left behind
+        if old.name != new.name:
             shutil.rmtree(old, ignore_errors=True)
     return link
 
@@ -209,8 +214,10 @@ def make_step(ops, config, tc: TrainConfig):
         params, opt_state, norm = optim.step(ops, tc.optimizer, params, grads, opt_state, lr)
         return value, norm, params, opt_state
 
-    # the encoder draws its masks on the host from an int seed: nothing for a jit to trace
-    return ops.compile(step) if tc.compile and not is_encoder(config) else step
+    # not jitted: the encoder (it draws masks on the host from an int seed) and routing noise
+    # (a jit would bake the backend's random key into the trace)
+    noise = getattr(config.moe, "noise", "none") != "none"
+    return ops.compile(step) if tc.compile and not is_encoder(config) and not noise else step
 
 
 def materialize(ops, *trees) -> None:
@@ -323,7 +330,8 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
     OUT/loss.png, OUT/load.png and OUT/checkpoint/. With resume=True, config and settings come
     from OUT/checkpoint and the run continues where it stopped (`steps` may extend it).
     `on_step(steps done, steps in all, record)` follows the run (the CLI draws a progress bar),
-    `log(text)` gets a line per evaluation. `backend`: a name or a backend object. Returns the last validation report with timings."""
+    `log(text)` gets a line per evaluation. `backend`: a name or a backend object. Returns
+    the last validation report with timings."""
     out, log, on_step = Path(out), log or (lambda text: None), on_step or (lambda *a: None)
     ops = backend if hasattr(backend, "asarray") else get_backend(backend or default_backend(),
                                                                   device)
@@ -353,7 +361,7 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
         ops.seed(draw)
         x = ops.asarray(batch[:, :-1], "int")
         y = draw if is_encoder(config) else ops.asarray(batch[:, 1:], "int")
-        lr = optim.cosine_lr(it, tc.lr, tc.min_lr, tc.warmup, tc.steps)
+        lr = optim.cosine_lr(it, tc.lr, tc.lr * tc.min_lr_ratio, tc.warmup, tc.steps)
         loss, norm, params, opt_state = step_fn(params, opt_state, x, y,
                                                 ops.asarray(np.float32(lr)))
         materialize(ops, {"loss": loss, "norm": norm}, params, opt_state)

@@ -145,6 +145,12 @@ class _Progress:
         if done == total:
             self.bar.render_finish()
 
+    def log(self, text: str):
+        """A line above the bar: clear the bar's line first; it redraws at the next step."""
+        if self.bar is not None and not getattr(self.bar, "hidden", True):
+            click.echo("\r\033[K", nl=False)
+        click.echo(text)
+
 
 @main.command()
 @click.option("--config", "config_name", default=None, help="Preset name, e.g. tiny-mod.")
@@ -175,9 +181,10 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
     config = None if resume else _run_library(t.model_config, config_name or "tiny-dense",
                                               overrides)
     tc = None if resume else t.TrainConfig(**given, **({"steps": steps} if steps else {}))
+    progress = _Progress()
     result = _run_library(t.train, config, tc, out=out, backend=backend, device=device,
-                          resume=resume, steps=steps if resume else None, on_step=_Progress(),
-                          log=click.echo)
+                          resume=resume, steps=steps if resume else None, on_step=progress,
+                          log=progress.log)
     click.echo(f"done: {result['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {out}/checkpoint")
 
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import AUTODIFF, load_backend  # tests/conftest.py, on sys.path under pytest
 from moe_min.cli import main
 from moe_min.models import data, lm, optim
 from moe_min.models import generate as gen
 from moe_min.models import train as tr
-from conftest import AUTODIFF, load_backend  # tests/conftest.py, on sys.path under pytest
 
 TINY = ["layers=2", "dim=32", "heads=2", "context=32", "mlp.hidden=128"]
 TINY_MOD = ["layers=4", "dim=32", "heads=2", "context=32", "mlp.hidden=128"]
@@ -32,7 +32,7 @@ CROSS_BACKEND_TOL = 0.05  # nats/byte after 300 float32 steps; measured gap: see
 
 
 def settings(**kw) -> tr.TrainConfig:
-    base = dict(steps=300, batch_size=16, lr=1e-2, min_lr=1e-3, warmup=20, eval_every=150,
+    base = dict(steps=300, batch_size=16, lr=1e-2, warmup=20, eval_every=150,
                 eval_windows=16, final_windows=128, eval_batch=64, compile=False)
     return tr.TrainConfig(**{**base, **kw})
 
@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_and_only_the_latest_is_kept(tmp_path):
     assert loaded.params.keys() == params.keys() and loaded.opt_state.keys() == state.keys()
     for name, value in params.items():
         np.testing.assert_array_equal(loaded.params[name], value)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000010"]
+    assert [p.name[:12] for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000010"]
 
 
 KILL = textwrap.dedent("""
@@ -157,7 +157,7 @@ RESUME = textwrap.dedent("""
     from moe_min.models import train as tr
     real = tr.save_safetensors
     def dying(path, tensors, metadata):
-        if "step-0000020" in str(path) and path.name == "optimizer.safetensors":
+        if "step-0000020-" in str(path) and path.name == "optimizer.safetensors":
             os._exit(9)  # killed with step 20's weights written, its optimizer state not
         return real(path, tensors, metadata)
     tr.save_safetensors = dying
@@ -222,9 +222,14 @@ def test_generation_is_reproducible_from_a_seed(trained):
     texts = [gen.generate(mlx(), ckpt.config, ckpt.params, "def ", max_tokens=20,
                           sampler=gen.make_sampler(0.8, seed=seed))[0] for seed in (1, 1, 2)]
     assert texts[0] == texts[1] and texts[0] != texts[2]
-    tokens = list(gen.generate_step(mlx(), ckpt.config, ckpt.params, data.encode("x" * 30),
-                                    sampler=gen.make_sampler(0.0)))
-    assert len(tokens) == 2  # stops at the context (32 bytes)
+    # past the 32-byte context: the last half of the window is prefilled afresh
+    tokens = [t for t, _ in gen.generate_step(mlx(), ckpt.config, ckpt.params,
+                                              data.encode("x" * 30), max_tokens=40,
+                                              sampler=gen.make_sampler(0.0))]
+    again = [t for t, _ in gen.generate_step(mlx(), ckpt.config, ckpt.params,
+                                             data.encode("x" * 30), max_tokens=40,
+                                             sampler=gen.make_sampler(0.0))]
+    assert len(tokens) == 40 and tokens == again
 
 
 def test_cli_generate_streams_the_same_text_for_the_same_seed(trained):
