@@ -10,8 +10,11 @@ import pytest
 from moe_min.ops import get_backend
 
 # (backend, device): each is its own conformance run
-BACKENDS = [("numpy", None), ("mlx", "cpu")]
-AUTODIFF = [b for b in BACKENDS if b[0] != "numpy"]
+BACKENDS = [("numpy", None), ("mlx", "cpu"), ("tinygrad", "CPU"), ("tinygrad", "CL")]
+# model-level tests: tinygrad compiles a kernel per new shape (20-30 s per decode test on 2
+# cores), so it runs the conformance corpus on both devices and trains on CPU only
+AUTODIFF = [("mlx", "cpu"), ("tinygrad", "CPU")]
+MODEL_BACKENDS = [("numpy", None), ("mlx", "cpu")]
 _skipped: dict[str, str] = {}
 _cache: dict[str, object] = {}
 
@@ -37,7 +40,14 @@ def load_backend(name, device):
     return ops
 
 
-@pytest.fixture(params=BACKENDS, ids=[backend_id(*b) for b in BACKENDS])
+def pytest_generate_tests(metafunc):
+    """`ops` runs over every backend; a module with MODEL_LEVEL = True over MODEL_BACKENDS."""
+    if "ops" in metafunc.fixturenames:
+        pool = MODEL_BACKENDS if getattr(metafunc.module, "MODEL_LEVEL", False) else BACKENDS
+        metafunc.parametrize("ops", pool, ids=[backend_id(*b) for b in pool], indirect=True)
+
+
+@pytest.fixture
 def ops(request):
     return load_backend(*request.param)
 
@@ -47,9 +57,10 @@ def autodiff_ops(request):
     return load_backend(*request.param)
 
 
+
 def pytest_terminal_summary(terminalreporter):
-    tried = [backend_id(*b) for b in BACKENDS]
+    tried = [backend_id(*b) for b in BACKENDS + AUTODIFF + MODEL_BACKENDS]
     ran = [b for b in tried if b in _cache and b not in _skipped]
-    terminalreporter.write_line(f"backends tested: {', '.join(ran) or 'none'}")
+    terminalreporter.write_line(f"backends tested: {', '.join(dict.fromkeys(ran)) or 'none'}")
     for key, why in sorted(_skipped.items()):
         terminalreporter.write_line(f"backend SKIPPED: {key}: {why}")

@@ -7,6 +7,8 @@ from click.testing import CliRunner
 from moe_min import bench
 from moe_min.cli import main
 
+MODEL_LEVEL = True  # numpy and MLX: on tinygrad every new shape compiles (tests/conftest.py)
+
 
 def test_layer_bench_reports_every_row_and_its_ratios(ops):
     timings = bench.layer(ops, tokens=64, dim=16, hidden=32, experts=4, top_k=2, repeat=1)

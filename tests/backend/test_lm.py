@@ -19,6 +19,8 @@ from moe_min.spec import (ExpertChoice, ExpertMLP, MixtureOfDepths, SoftMoE, Spe
 T, D = 16, 32
 SCHEMES = ["dense", "token_choice", "expert_choice", "mod"]
 
+MODEL_LEVEL = True  # numpy and MLX: tinygrad compiles per shape (tests/conftest.py)
+
 
 def _config(scheme: str) -> LMConfig:
     routed = {"dense": {},
