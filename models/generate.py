@@ -46,13 +46,15 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
 
 
 def generate_step(ops, config, params: dict, prompt: np.ndarray, *,
-                  sampler: Callable[[np.ndarray], int],
-                  max_tokens: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                  sampler: Callable[[np.ndarray], int], max_tokens: int | None = None,
+                  stats: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, log-probabilities (V,)) for each new token after `prompt` (1-d token
     ids), `max_tokens` of them (None: without end). The prompt is prefilled in one causal
     call, which also fills the cache; each new token is then one decode call. When the
     context is full, the last half of it is prefilled afresh at positions 0.. (the model
-    never saw positions past its context), so generation can run past the context."""
+    never saw positions past its context), so generation can run past the context.
+    `stats`, if given, gets the realised fraction of the window's tokens that entered each
+    MoD-routed block (its sparse cache's length): near the capacity, not 1 (P1)."""
     history = [int(t) for t in np.asarray(prompt).reshape(-1)]
     check_prompt(config, len(history))
     window, count = history, 0
@@ -62,6 +64,9 @@ def generate_step(ops, config, params: dict, prompt: np.ndarray, *,
             logits, cache = lm.decode(ops, config, params, np.array([window], np.int32),
                                       cache, 0)
             position, window = len(window), None
+        if stats is not None:
+            stats["routed_fraction"] = {i: c.length / position for i, c in enumerate(cache)
+                                        if config.block_kind(i) == "mod"}
         last = ops.to_numpy(logits[:, -1])[0].astype(np.float64)
         logprobs = last - np.logaddexp.reduce(last)
         token = sampler(logprobs)
@@ -85,17 +90,18 @@ def check_prompt(config, length: int) -> None:
 
 
 def generate(ops, config, params: dict, prompt: str, *, max_tokens: int = 200,
-             sampler: Callable[[np.ndarray], int], emit: Callable[[str], None] | None = None):
+             sampler: Callable[[np.ndarray], int], emit: Callable[[str], None] | None = None,
+             stats: dict | None = None):
     """Generate text after `prompt`; each piece of text goes to `emit` as soon as its bytes
     form whole UTF-8 characters. Returns (text, tokens per second of the whole generation,
-    prefill included, and the number of tokens)."""
+    prefill included, and the number of tokens). `stats` as in `generate_step`."""
     tokens = data.encode(prompt)
     check_prompt(config, len(tokens))
     params = {k: ops.asarray(v) for k, v in params.items()}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces, count, start = [], 0, time.perf_counter()
     for token, _ in generate_step(ops, config, params, tokens, sampler=sampler,
-                                  max_tokens=max_tokens):
+                                  max_tokens=max_tokens, stats=stats):
         count += 1
         piece = decoder.decode(bytes([token]))
         if piece:

@@ -2,7 +2,7 @@
 `write_all` draws `loss.png` (train loss, validation loss in training mode and in causal
 mode) and `load.png` (per routed block, each expert's share of the routed tokens, training
 mode beside causal mode). matplotlib (Agg) is optional: without it the plots are skipped.
-May import: stdlib, matplotlib.
+May import: stdlib, numpy, matplotlib.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 class Metrics:
@@ -73,6 +75,9 @@ def plot_loss(records: list[dict], path: Path, plt) -> None:
         if found:
             ax.plot([r["step"] for r in found], [r["loss"] for r in found], "o-", ms=3,
                     color=color, label=label)
+    evals = [r["loss"] for r in records if "mode" in r]
+    if evals:  # the first steps' objective (~ln 256 + aux) would squash the curves
+        ax.set_ylim(0.9 * min(evals), 1.6 * max(evals))
     ax.set(xlabel="step", ylabel="cross-entropy, nats / byte", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -82,26 +87,35 @@ def plot_loss(records: list[dict], path: Path, plt) -> None:
 
 
 def plot_load(records: list[dict], path: Path, plt) -> bool:
-    """One panel per routed block: each expert's share of the routed tokens at the last
-    evaluation (MoD blocks: the routed fraction). Nothing to draw for a dense model."""
+    """One panel per routed block at the last evaluation, training-mode routing beside causal:
+    an MoE block's share of routed tokens per expert (uniform dashed), a MoD block's routed
+    fraction. Nothing to draw for a dense model."""
     last = {r["mode"]: r for r in records if "mode" in r and r["split"] == "val"}
     blocks = sorted(last.get("eval", {}).get("blocks", {}), key=int)
     if not blocks:
         return False
     fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.2), squeeze=False)
+    modes = [(m, c, label) for m, c, label in (("eval", "tab:orange", "training-mode"),
+                                               ("causal", "tab:green", "causal")) if m in last]
     for ax, b in zip(axes[0], blocks, strict=True):
-        for shift, mode, color in ((-0.2, "eval", "tab:orange"), (0.2, "causal", "tab:green")):
-            if mode not in last:
-                continue
+        experts = len(last["eval"]["blocks"][b]["load"])
+        for j, (mode, color, label) in enumerate(modes):
             stats = last[mode]["blocks"][b]
-            share = stats["load"] if len(stats["load"]) > 1 else [stats["routed_fraction"]]
-            ax.bar([i + shift for i in range(len(share))], share, width=0.4, color=color,
-                   label=mode)
-        ax.set(title=f"block {b}", xlabel="expert" if len(share) > 1 else "routed fraction")
+            if experts > 1:
+                ax.bar(np.arange(experts) + 0.4 * j - 0.2, stats["load"], width=0.4,
+                       color=color, label=label)
+            else:
+                ax.bar([j], [stats["routed_fraction"]], width=0.6, color=color, label=label)
+        if experts > 1:
+            ax.axhline(1 / experts, color="gray", ls="--", lw=0.8)
+            ax.set(xlabel="expert", xticks=range(experts), ylabel="share of routed tokens")
+        else:
+            ax.set(xticks=range(len(modes)), xticklabels=[m[2] for m in modes],
+                   ylabel="routed fraction")
+        ax.set_title(f"block {b}")
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("share of routed tokens")
-    axes[0][0].legend()
-    fig.suptitle(f"load at step {last['eval']['step']}")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"routed load at step {last['eval']['step']} (validation split)")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

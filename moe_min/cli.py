@@ -212,6 +212,10 @@ def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, ba
     ops = _backend(backend or _run_library(t.default_backend), device)
     sampler = _run_library(g.make_sampler, temperature, top_k, top_p, seed)
     click.echo(prompt, nl=False)
+    stats = {}
     _, speed, count = g.generate(ops, ckpt.config, ckpt.params, prompt, max_tokens=max_tokens,
-                                 sampler=sampler, emit=lambda s: click.echo(s, nl=False))
-    click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s]", err=True)
+                                 sampler=sampler, emit=lambda s: click.echo(s, nl=False),
+                                 stats=stats)
+    routed = "".join(f"; block {i} routed {f:.0%}" for i, f in stats.get(
+        "routed_fraction", {}).items())
+    click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s{routed}]", err=True)

@@ -217,11 +217,14 @@ def trained(tmp_path_factory):
     return out / "checkpoint"
 
 
-def test_generation_is_reproducible_from_a_seed(trained):
-    ckpt = tr.load_checkpoint(trained, optimizer=False)
-    texts = [gen.generate(mlx(), ckpt.config, ckpt.params, "def ", max_tokens=20,
+def test_generation_is_reproducible_from_a_seed_and_mod_routes_few_tokens(trained):
+    ckpt, stats = tr.load_checkpoint(trained, optimizer=False), {}
+    texts = [gen.generate(mlx(), ckpt.config, ckpt.params, "def ", max_tokens=20, stats=stats,
                           sampler=gen.make_sampler(0.8, seed=seed))[0] for seed in (1, 1, 2)]
     assert texts[0] == texts[1] and texts[0] != texts[2]
+    # P1: the predictor decides, so a generated token does not enter every routed block
+    assert set(stats["routed_fraction"]) == {1, 3}
+    assert all(f < 0.75 for f in stats["routed_fraction"].values()), stats
     # past the 32-byte context: the last half of the window is prefilled afresh
     tokens = [t for t, _ in gen.generate_step(mlx(), ckpt.config, ckpt.params,
                                               data.encode("x" * 30), max_tokens=40,
