@@ -9,12 +9,13 @@ import pytest
 
 from moe_min.ops import get_backend
 
-# (backend, device): each is its own conformance run
-BACKENDS = [("numpy", None), ("mlx", "cpu"), ("tinygrad", "CPU"), ("tinygrad", "CL")]
-# model-level tests: tinygrad compiles a kernel per new shape (20-30 s per decode test on 2
-# cores), so it runs the conformance corpus on both devices and trains on CPU only
-AUTODIFF = [("mlx", "cpu"), ("tinygrad", "CPU")]
-MODEL_BACKENDS = [("numpy", None), ("mlx", "cpu")]
+# (backend, device) held in this process: the corpus per case, mutants, bench
+BACKENDS = [("numpy", None), ("mlx", "cpu")]
+# each its own `moe-min conform` process (tests/backend/test_devices.py): tinygrad keeps
+# per-device global state, and a process of its own is what a user runs
+DEVICE_RUNS = [("tinygrad", "CPU"), ("tinygrad", "CL")]
+AUTODIFF = [("mlx", "cpu"), ("tinygrad", "CPU")]  # training tests
+MODEL_BACKENDS = [("numpy", None), ("mlx", "cpu")]  # tinygrad compiles per shape: too slow
 _skipped: dict[str, str] = {}
 _cache: dict[str, object] = {}
 
@@ -59,7 +60,7 @@ def autodiff_ops(request):
 
 
 def pytest_terminal_summary(terminalreporter):
-    tried = [backend_id(*b) for b in BACKENDS + AUTODIFF + MODEL_BACKENDS]
+    tried = [backend_id(*b) for b in BACKENDS + DEVICE_RUNS + AUTODIFF + MODEL_BACKENDS]
     ran = [b for b in tried if b in _cache and b not in _skipped]
     terminalreporter.write_line(f"backends tested: {', '.join(dict.fromkeys(ran)) or 'none'}")
     for key, why in sorted(_skipped.items()):
