@@ -114,10 +114,10 @@ class TinygradOps:
         # outputs read one by one share kernels instead of each re-running (and compiling) its
         # whole graph. Not inside grad or a jit capture: a realized tensor cuts the gradient
         # graph, and a capture would replay the extra work
-        if not (x.uop.has_buffer_identity() or self._in_grad or capturing):
+        if not (x.uop.is_realized or self._in_grad or capturing):
             live = (t for ref in list(all_tensors) if (t := ref()) is not None)
             Tensor.realize(x, *(t for t in live if t is not x and t.device == self.device and
-                                not t.uop.is_virtual and not t.uop.has_buffer_identity()))
+                                not t.uop.is_virtual and not t.uop.is_realized))
         return x.numpy()
 
     def zeros(self, shape, dtype="float"):
