@@ -169,10 +169,11 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'config.json'}: not a {FORMAT} checkpoint")
     try:
-        kind = getattr(configs, meta["kind"])
-        config = kind.from_dict(meta["model"])
+        kinds = {"LMConfig": configs.LMConfig, "EncoderConfig": configs.EncoderConfig}
+        config = kinds[meta["kind"]].from_dict(meta["model"])
         train = TrainConfig.from_dict(meta["train"])
-        step, sums, shapes = int(meta["step"]), meta["files"], meta["shapes"]
+        step, sums = int(meta["step"]), dict(meta["files"])
+        shapes = {k: tuple(v) for k, v in dict(meta["shapes"]).items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: bad contents ({e})") from None
     arrays = {}
@@ -189,7 +190,7 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     params = arrays[FILES[0]]
     want = {k: tuple(v.shape) for k, v in model_module(config).init_params(config, 0).items()}
     got = {k: tuple(v.shape) for k, v in params.items()}
-    if got != want or got != {k: tuple(v) for k, v in shapes.items()}:
+    if got != want or got != shapes:
         bad = sorted(set(got) ^ set(want)) or [k for k in want if got.get(k) != want[k]]
         raise CheckpointError(f"{path}: weights do not match the config (e.g. {bad[0]!r})")
     return Checkpoint(config, train, step, params, arrays.get(FILES[1], {}), meta)
