@@ -36,7 +36,7 @@ import numpy as np
 from moe_min.layers import apply_mod, apply_slots, block_branch, experts, rms_norm
 from moe_min.models.configs import LMConfig
 from moe_min.ops import Array, Ops
-from moe_min.routing import route
+from moe_min.routing import causal_decisions, route
 from moe_min.spec import ExpertChoice, ExpertMLP, TokenChoice
 
 MODES = ("train", "eval", "causal")
@@ -194,6 +194,12 @@ def _moe(ops: Ops, config: LMConfig, params: dict, u: Array, mode: str, noise: b
     return ops.reshape(y, (B, T, D)), _stats(ops, plan, B * T)
 
 
+def _enters(ops: Ops, spec, params: dict, x: Array) -> bool:
+    """Does any token of x enter this MoD block at sampling time? One small host read."""
+    decided = causal_decisions(ops, spec, params, x)
+    return bool(ops.to_numpy(ops.sum(ops.astype(decided, "int"))) > 0)
+
+
 def block(ops: Ops, config: LMConfig, params: dict, i: int, x: Array, positions: Array, *,
           mode: str = "eval", noise: bool = True, cache: BlockCache | None = None):
     """Block i on x (B, T, D) at true `positions` (B, T) -> (y, stats); stats {} if dense.
@@ -204,12 +210,12 @@ def block(ops: Ops, config: LMConfig, params: dict, i: int, x: Array, positions:
              "mlp": config.mlp}
     kv = None if cache is None else cache.hook(ops)
     if kind == "mod":
+        if cache is not None and not _enters(ops, config.mod, p, x):
+            return x, {}  # decode: skipped before any routing work, nothing cached (P1)
         plan = route(config.mod, x, p, ops, mode=mode, validate=False)
         stats = _stats(ops, plan, x.shape[0] * x.shape[1])
         if cache is not None:  # decode, batch 1: run the routed tokens only (they come first)
-            routed = int(ops.to_numpy(plan.stats["load"]).sum())
-            if routed == 0:
-                return x, stats  # skipped: no work, nothing written into this block's cache
+            routed = int(ops.to_numpy(plan.stats["load"]).sum())  # > 0: _enters said so
             plan.slot_token, plan.slot_weight = (plan.slot_token[..., :routed],
                                                  plan.slot_weight[..., :routed])
         return apply_mod(ops, shape, p, x, plan, positions=positions, kv=kv), stats

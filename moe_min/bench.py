@@ -24,14 +24,22 @@ class Timing:
 
 
 def median_time(fn, repeat: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
+    return interleaved({"": fn}, repeat, warmup)[""]
+
+
+def interleaved(cases: dict, repeat: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin (A B C A B C ...): on a shared
+    machine a slow spell then hits every case alike, so their ratios hold."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in cases}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def _block(ops, *arrays):
@@ -40,20 +48,24 @@ def _block(ops, *arrays):
         ops.to_numpy(ops.sum(a))
 
 
-def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
-          repeat=5, seed=0) -> list[Timing]:
-    """A token-choice MoE layer, its routing alone, and a dense MLP of equal active FLOPs
-    (`act(x @ W1[D, K·H]) @ W2[K·H, D]`), forward and forward+backward, on one backend."""
+def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
+                glu=False, seed=0) -> tuple[dict, list[Timing]]:
+    """Callables for a token-choice MoE layer, its routing alone, and a dense MLP of equal
+    active FLOPs (`act(x @ W1[D, K·H]) @ W2[K·H, D]`, gated with W3 if glu), forward and
+    forward+backward, on one backend; plus a Timing for each case the backend cannot run."""
     rng = np.random.default_rng(seed)
     spec = TokenChoice(num_experts=experts, top_k=top_k, capacity_factor=1.0,
                        capacity_multiple_of=1)  # C = T·K/E: the buffers hold T·K rows, as dense
-    expert = ExpertMLP(hidden=hidden, activation=activation)
+    expert = ExpertMLP(hidden=hidden, activation="silu" if glu else activation, glu=glu)
     x = ops.asarray(rng.standard_normal((1, tokens, dim)).astype(np.float32))
     moe = {"router_w": rng.standard_normal((dim, experts)) * dim ** -0.5,
            "expert_w1": rng.standard_normal((experts, dim, hidden)) * dim ** -0.5,
            "expert_w2": rng.standard_normal((experts, hidden, dim)) * hidden ** -0.5}
     dense = {"w1": rng.standard_normal((dim, top_k * hidden)) * dim ** -0.5,
              "w2": rng.standard_normal((top_k * hidden, dim)) * hidden ** -0.5}
+    if glu:
+        moe["expert_w3"] = rng.standard_normal((experts, dim, hidden)) * dim ** -0.5
+        dense["w3"] = rng.standard_normal((dim, top_k * hidden)) * dim ** -0.5
     moe, dense = ({k: ops.asarray(v.astype(np.float32)) for k, v in p.items()}
                   for p in (moe, dense))
 
@@ -61,24 +73,35 @@ def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation
         return ops.sum(forward(spec, x_, p, ops, expert=expert, mode="train", validate=False)["y"])
 
     def dense_loss(p, x_):
-        return ops.sum(mlp(ops, expert, x_, p["w1"], p["w2"]))
+        return ops.sum(mlp(ops, expert, x_, p["w1"], p["w2"], p.get("w3")))
 
     def plan_only():
         plan = route(spec, x, moe, ops, mode="train", validate=False)
-        _block(ops, plan.slot_token, plan.slot_weight)
+        _block(ops, plan.choice_slot, plan.choice_weight)
 
-    out = [Timing("routing (plan only)", median_time(plan_only, repeat))]
+    cases, missing = {"routing (plan only)": plan_only}, []
     for name, loss, params in (("MoE layer", moe_loss, moe), ("dense MLP", dense_loss, dense)):
-        out.append(Timing(f"{name} fwd", median_time(lambda: _block(ops, loss(params, x)),
-                                                     repeat)))
+        cases[f"{name} fwd"] = lambda loss=loss, params=params: _block(ops, loss(params, x))
         try:
             ops.grad(loss, params, x)
         except NotImplementedError as e:
-            out.append(Timing(f"{name} fwd+bwd", None, str(e)))
+            missing.append(Timing(f"{name} fwd+bwd", None, str(e)))
             continue
-        out.append(Timing(f"{name} fwd+bwd", median_time(
-            lambda: _block(ops, *ops.grad(loss, params, x).values()), repeat)))
-    return out
+        cases[f"{name} fwd+bwd"] = lambda loss=loss, params=params: _block(
+            ops, *ops.grad(loss, params, x).values())
+    return cases, missing
+
+
+def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
+          glu=False, repeat=5, seed=0, with_mlx_lm=True) -> list[Timing]:
+    """Time `layer_cases` (and mlx-lm's layer on MLX) side by side, round-robin."""
+    cases, missing = layer_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)
+    if with_mlx_lm:
+        found, why = mlx_lm_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)
+        cases.update(found)
+        missing += why
+    timed = interleaved(cases, repeat)
+    return [Timing(name, seconds) for name, seconds in timed.items()] + missing
 
 
 def ratios(timings: list[Timing]) -> list[tuple[str, float]]:
@@ -86,8 +109,9 @@ def ratios(timings: list[Timing]) -> list[tuple[str, float]]:
     pairs = [("MoE/dense throughput, fwd", "dense MLP fwd", "MoE layer fwd"),
              ("MoE/dense throughput, fwd+bwd", "dense MLP fwd+bwd", "MoE layer fwd+bwd"),
              ("routing share of the MoE fwd", "routing (plan only)", "MoE layer fwd"),
-             ("MoE/mlx-lm SwitchMLP, fwd", "mlx-lm SwitchMLP fwd", "MoE layer fwd"),
-             ("MoE/mlx-lm SwitchMLP, fwd+bwd", "mlx-lm SwitchMLP fwd+bwd", "MoE layer fwd+bwd")]
+             *((f"MoE/mlx-lm {k}, fwd", f"mlx-lm {k} fwd", "MoE layer fwd") for k in SWITCH),
+             *((f"MoE/mlx-lm {k}, fwd+bwd", f"mlx-lm {k} fwd+bwd", "MoE layer fwd+bwd")
+               for k in SWITCH)]
     return [(label, t[a] / t[b]) for label, a, b in pairs if t.get(a) and t.get(b)]
 
 
@@ -129,32 +153,39 @@ def _import_mlx_lm_switch_layers():
     return switch_layers
 
 
-def mlx_lm_layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2,
-                 repeat=5, seed=0) -> list[Timing]:
-    """mlx-lm's MoE compute (sort by expert + gather_mm) with its own routing, ReLU experts,
-    on the same shapes; for the ratio against our layer. MLX only."""
+SWITCH = ("SwitchMLP", "SwitchGLU")
+
+
+def mlx_lm_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
+                 glu=False, seed=0) -> tuple[dict, list[Timing]]:
+    """mlx-lm's MoE compute (sort by expert + gather_mm) with its own routing (Mixtral's:
+    argpartition, softmax over the K kept) on the same shapes: SwitchGLU if glu (SiLU), else
+    SwitchMLP with the activation. MLX only."""
+    kind = SWITCH[glu]
     layers = _import_mlx_lm_switch_layers() if ops.name == "mlx" else None
     if layers is None:
         why = "needs the mlx backend and mlx-lm (pip install 'moe-min[bench]')"
-        return [Timing("mlx-lm SwitchMLP fwd", None, why)]
+        return {}, [Timing(f"mlx-lm {kind} fwd", None, why)]
     import mlx.core as mx
-    import mlx.nn as nn
+
+    from moe_min.routing import activation as act
 
     mx.random.seed(seed)
-    switch = layers.SwitchMLP(dim, hidden, experts, activation=nn.ReLU())
+    if glu:
+        switch = layers.SwitchGLU(dim, hidden, experts)
+    else:
+        switch = layers.SwitchMLP(dim, hidden, experts,
+                                  activation=lambda v: act(ops, activation, v))
     router = mx.random.normal((dim, experts)) * dim ** -0.5
     x = mx.random.normal((tokens, dim))
 
-    def block(params, x_):  # mlx-lm's Mixtral block: argpartition, softmax over the K kept
+    def block(params, x_):
         switch.update(params)
         gates = x_ @ router
         inds = mx.stop_gradient(mx.argpartition(-gates, kth=top_k - 1, axis=-1)[..., :top_k])
         scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1)
         return (switch(x_, inds) * scores[..., None]).sum(axis=-2).sum()
 
-    params = switch.trainable_parameters()
-    grad = mx.grad(block)
-    return [Timing("mlx-lm SwitchMLP fwd", median_time(lambda: mx.eval(block(params, x)),
-                                                       repeat)),
-            Timing("mlx-lm SwitchMLP fwd+bwd", median_time(lambda: mx.eval(grad(params, x)),
-                                                           repeat))]
+    params, grad = switch.trainable_parameters(), mx.grad(block)
+    return {f"mlx-lm {kind} fwd": lambda: mx.eval(block(params, x)),
+            f"mlx-lm {kind} fwd+bwd": lambda: mx.eval(grad(params, x))}, []

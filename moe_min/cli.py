@@ -87,17 +87,18 @@ def _print_timings(timings):
 @click.option("--top-k", default=2, show_default=True)
 @click.option("--activation", default="relu", show_default=True,
               type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]))
+@click.option("--glu", is_flag=True, help="SwiGLU experts (vs mlx-lm's SwitchGLU).")
 @click.option("--repeat", default=5, show_default=True)
-def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, repeat):
-    """A token-choice MoE layer vs a dense MLP of equal active FLOPs, and routing alone."""
+def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, glu, repeat):
+    """A token-choice MoE layer vs a dense MLP of equal active FLOPs, routing alone, and
+    mlx-lm's SwitchMLP/SwitchGLU (MLX, with the bench extra), timed round-robin."""
     from moe_min import bench as b
 
     ops = _backend(backend, device)
+    act = "silu, gated" if glu else activation
     click.echo(f"{backend} on {ops.device}: T={tokens} D={dim} H={hidden} E={experts} "
-               f"K={top_k} {activation}; {b.environment()}")
-    timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, repeat)
-    if activation == "relu":
-        timings += b.mlx_lm_layer(ops, tokens, dim, hidden, experts, top_k, repeat)
+               f"K={top_k} {act}; {b.environment()}")
+    timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, glu, repeat)
     _print_timings(timings)
     for label, value in b.ratios(timings):
         click.echo(f"  {label:<32} {value:6.2f}x")

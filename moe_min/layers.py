@@ -31,31 +31,46 @@ def experts(ops: Ops, spec: ExpertMLP, params: dict, h: Array) -> Array:
 def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:
     """y[g, s] = Σ over slots (e, c) holding token s of slot_weight · expert_e(x[g, s]).
 
-    Padded per-expert buffers (E, G·C, D) filled by one row gather, every expert in one
+    Expert-major padded buffers (E, G·C + 1, D) filled by one row gather, every expert in one
     batched matmul: 1.1x a dense MLP on CPU (reference/backends.md §1), where sort +
     gather_mm costs 4x. Token choice combines by gathering each token's K slot outputs
-    (plan.choice_slot); other plans scatter-add. Empty slots read a spare zero row."""
+    straight from that layout (plan.choice_slot), so nothing is transposed or padded after the
+    experts; other plans scatter-add. Empty slots read a zero row of x; each expert's last row
+    is a spare that a dropped choice reads (with weight 0: a finite 0, never another token's)."""
     G, S, D = x.shape
     E, C = plan.slot_token.shape[1], plan.slot_token.shape[2]
     rows = ops.where(plan.slot_token < 0, S, plan.slot_token) + \
         ops.reshape(ops.arange(G), (G, 1, 1)) * (S + 1)  # (G, E, C) into the padded rows
+    rows = ops.concatenate([ops.reshape(ops.transpose(rows, (1, 0, 2)), (E, G * C)),
+                            ops.zeros((E, 1), "int") + S], axis=1)  # + the spare: a zero row
     padded = ops.reshape(ops.concatenate([x, ops.zeros((G, 1, D))], axis=1), (G * (S + 1), D))
-    buffers = ops.take(padded, ops.reshape(ops.transpose(rows, (1, 0, 2)), (E * G * C,)), axis=0)
-    out = ops.reshape(expert_fn(ops.reshape(buffers, (E, G * C, D))), (E, G, C, D))
-    out = ops.reshape(ops.transpose(out, (1, 0, 2, 3)), (G, E * C, D))
+    buffers = ops.take(padded, ops.reshape(rows, (E * (G * C + 1),)), axis=0)
+    out = expert_fn(ops.reshape(buffers, (E, G * C + 1, D)))
     if plan.choice_slot is not None:  # gather: each token reads its K slots
         K = plan.choice_slot.shape[-1]
-        out = ops.reshape(ops.concatenate([out, ops.zeros((G, 1, D))], axis=1),
-                          (G * (E * C + 1), D))
-        picks = plan.choice_slot + ops.reshape(ops.arange(G), (G, 1, 1)) * (E * C + 1)
-        picked = ops.reshape(ops.take(out, ops.reshape(picks, (G * S * K,)), axis=0),
-                             (G, S, K, D))
-        return ops.sum(picked * ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
+        picks = ops.take(ops.asarray(_slot_rows(G, E, C)),
+                         plan.choice_slot + ops.reshape(ops.arange(G), (G, 1, 1)) * (E * C + 1),
+                         axis=0)
+        picked = ops.take(ops.reshape(out, (E * (G * C + 1), D)),
+                          ops.reshape(picks, (G * S * K,)), axis=0)
+        return ops.sum(ops.reshape(picked, (G, S, K, D)) *
+                       ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
+    out = ops.reshape(out[:, :G * C], (E, G, C, D))
+    out = ops.reshape(ops.transpose(out, (1, 0, 2, 3)), (G, E * C, D))
     index = ops.reshape(ops.where(plan.slot_token < 0, S, plan.slot_token), (G, E * C, 1))
     out = out * ops.reshape(plan.slot_weight, (G, E * C, 1))
     y = ops.scatter_add(ops.zeros((G, S + 1, D)), ops.broadcast_to(index, (G, E * C, D)), out,
                         axis=1)
     return y[:, :S]
+
+
+def _slot_rows(G: int, E: int, C: int) -> np.ndarray:
+    """For group g's flat slot e·C + c (E·C: dropped), its row in the expert-major output
+    (E, G·C + 1): e·(G·C + 1) + g·C + c, and G·C (expert 0's spare row) for E·C."""
+    e, g, c = np.meshgrid(np.arange(E), np.arange(G), np.arange(C), indexing="ij")
+    rows = np.full((G, E * C + 1), G * C, np.int64)
+    rows[:, :E * C] = np.transpose(e * (G * C + 1) + g * C + c, (1, 0, 2)).reshape(G, E * C)
+    return rows.reshape(-1)
 
 
 def apply_soft(ops: Ops, expert_fn, x: Array, dispatch: Array, combine: Array, num_experts: int,

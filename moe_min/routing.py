@@ -119,11 +119,14 @@ def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: i
     else:
         order = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S)), (G, S))
     order3 = ops.reshape(order, (G, S, 1))
+    token_weight = weight
     expert, weight = _k_major(ops, top_expert, order3, G, N), _k_major(ops, weight, order3, G, N)
     tokens = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S, 1)), (G, S, K))
-    token = _k_major(ops, tokens, order3, G, N)
+    claims = ops.broadcast_to(ops.reshape(ops.arange(N), (1, S, K)), (G, S, K))  # s·K + k
+    token, claim = _k_major(ops, tokens, order3, G, N), _k_major(ops, claims, order3, G, N)
     perm = ops.argsort(expert, axis=-1)  # stable, so claims keep their order within an expert
-    expert, token, weight = (ops.take_along_axis(v, perm, axis=-1) for v in (expert, token, weight))
+    expert, token, weight, claim = (ops.take_along_axis(v, perm, axis=-1)
+                                    for v in (expert, token, weight, claim))
     demand = ops.scatter_add(ops.zeros((G, E), "int"), expert, _ones(ops, (G, N), "int"), axis=-1)
     first = ops.cumsum(demand, axis=-1) - demand
     rank = ops.reshape(ops.arange(N), (1, N)) - ops.take_along_axis(first, expert, axis=-1)
@@ -133,12 +136,13 @@ def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: i
     slot_weight = ops.scatter_add(ops.zeros((G, E * C + 1)), slot, weight, axis=-1)
     per_token = ops.scatter_add(ops.zeros((G, S), "int"), token, ops.astype(kept, "int"), axis=-1)
     load = ops.where(demand < C, demand, C)
-    by_token = ops.argsort(token, axis=-1)  # stable: a token's K claims stay in k order
-    choice_slot = ops.reshape(ops.take_along_axis(slot, by_token, axis=-1), (G, S, K))
-    choice_weight = ops.take_along_axis(ops.where(kept, weight, 0.0), by_token, axis=-1)
+    choice_slot = ops.reshape(ops.scatter_add(ops.zeros((G, N), "int"), claim, slot, axis=-1),
+                              (G, S, K))  # back to token order: each claim id once
+    # the weights in token order are the input's: no gradient through the sorts above
+    choice_weight = ops.where(choice_slot < E * C, token_weight, 0.0)
     return (ops.reshape(slot_token[:, : E * C] - 1, (G, E, C)),
             ops.reshape(slot_weight[:, : E * C], (G, E, C)), per_token, load,
-            choice_slot, ops.reshape(choice_weight, (G, S, K)))
+            choice_slot, choice_weight)
 
 
 def _token_choice(spec: TokenChoice, x, params, ops: Ops, mode, noise, validate) -> Plan:
@@ -183,9 +187,14 @@ def _token_choice(spec: TokenChoice, x, params, ops: Ops, mode, noise, validate)
     return Plan((G, S), slot_token, slot_weight, choice_slot, choice_weight, aux=aux, stats=stats)
 
 
-def _causal_decisions(ops: Ops, spec, params, x, router_logits, x_predictor):
-    """Per-token routing at sampling time: predictor logit > threshold, or router logit > 0."""
+def causal_decisions(ops: Ops, spec, params, x, router_logits=None, x_predictor=None):
+    """Per-token routing at sampling time (ExpertChoice, MixtureOfDepths), bool (B, T, O):
+    predictor logit > threshold, or (causal="router") router logit > 0. A decoder calls it
+    alone to skip a MoD block without routing it (the sampling-time saving)."""
     if spec.causal == "router":
+        if router_logits is None:
+            w = params["router_w"]
+            router_logits = x @ (ops.reshape(w, (w.shape[0], 1)) if len(w.shape) == 1 else w)
         return router_logits > 0.0
     h = x if x_predictor is None else x_predictor
     logits = predictor_logits(ops, spec.predictor, params, h)
@@ -225,7 +234,7 @@ def _expert_choice(spec: ExpertChoice, x, params, ops: Ops, mode, noise, x_predi
     router_logits = ops.reshape(clean, (B, T, E))
     aux, predictor = _predictor_aux(ops, spec, params, x, x_predictor, router_logits, targets)
     if mode == "causal":
-        decided = _causal_decisions(ops, spec, params, x, router_logits, x_predictor)
+        decided = causal_decisions(ops, spec, params, x, router_logits, x_predictor)
         picked = ops.transpose(ops.reshape(decided, (G, S, E)), (0, 2, 1))
         slot_token, slot_weight = _in_time_order(ops, picked, gates)
         picked = ops.astype(picked, "float")
@@ -277,7 +286,7 @@ def _mixture_of_depths(spec: MixtureOfDepths, x, params, ops: Ops, mode, x_predi
     aux, predictor = _predictor_aux(ops, spec, params, x, x_predictor, ops.reshape(r, (B, T, 1)),
                                     targets)
     if mode == "causal":
-        chosen = ops.reshape(_causal_decisions(ops, spec, params, x, ops.reshape(r, (B, T, 1)),
+        chosen = ops.reshape(causal_decisions(ops, spec, params, x, ops.reshape(r, (B, T, 1)),
                                                x_predictor), (B, T))
     else:
         chosen = chosen > 0.5

@@ -12,6 +12,8 @@ MODEL_LEVEL = True  # numpy and MLX: on tinygrad every new shape compiles (tests
 
 def test_layer_bench_reports_every_row_and_its_ratios(ops):
     timings = bench.layer(ops, tokens=64, dim=16, hidden=32, experts=4, top_k=2, repeat=1)
+    glu = bench.layer(ops, tokens=64, dim=16, hidden=32, experts=4, top_k=2, glu=True, repeat=1)
+    assert {t.name for t in glu} >= {"MoE layer fwd", "dense MLP fwd"}
     names = {t.name for t in timings}
     assert {"routing (plan only)", "MoE layer fwd", "dense MLP fwd"} <= names
     for t in timings:
