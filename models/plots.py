@@ -131,3 +131,27 @@ def write_all(records: list[dict], out: Path) -> list[Path]:
     plot_loss(records, out / "loss.png", plt)
     return [out / "loss.png"] + ([out / "load.png"] if plot_load(records, out / "load.png", plt)
                                  else [])
+
+
+def plot_compare(runs: dict[str, list[dict]], path: Path) -> bool:
+    """Validation loss against step for several runs (`name -> records`): training-mode
+    routing solid, causal routing (as sampled) dashed. False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (name, records), color in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()[
+            "color"], strict=False):
+        for mode, style in (("eval", "-"), ("causal", "--")):
+            found = [r for r in records if r.get("mode") == mode and r["split"] == "val"]
+            ax.plot([r["step"] for r in found], [r["loss"] for r in found], style, marker="o",
+                    ms=3, color=color, label=f"{name} ({'causal' if mode == 'causal' else 'train'}"
+                    " routing)")
+    ax.set(xlabel="step", ylabel="validation cross-entropy, nats / byte",
+           title="routed LMs, same data, steps and seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+    return True
