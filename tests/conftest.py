@@ -16,6 +16,7 @@ BACKENDS = [("numpy", None), ("mlx", "cpu")]
 DEVICE_RUNS = [("tinygrad", "CPU"), ("tinygrad", "CL")]
 AUTODIFF = [("mlx", "cpu"), ("tinygrad", "CPU")]  # training tests
 MODEL_BACKENDS = [("numpy", None), ("mlx", "cpu")]  # tinygrad compiles per shape: too slow
+MODEL_TINYGRAD = ("tinygrad", "CPU")  # ... except for tests marked tinygrad_too (~3 min)
 _skipped: dict[str, str] = {}
 _cache: dict[str, object] = {}
 
@@ -45,6 +46,8 @@ def pytest_generate_tests(metafunc):
     """`ops` runs over every backend; a module with MODEL_LEVEL = True over MODEL_BACKENDS."""
     if "ops" in metafunc.fixturenames:
         pool = MODEL_BACKENDS if getattr(metafunc.module, "MODEL_LEVEL", False) else BACKENDS
+        if pool is MODEL_BACKENDS and metafunc.definition.get_closest_marker("tinygrad_too"):
+            pool = [*MODEL_BACKENDS, MODEL_TINYGRAD]
         metafunc.parametrize("ops", pool, ids=[backend_id(*b) for b in pool], indirect=True)
 
 
@@ -60,7 +63,8 @@ def autodiff_ops(request):
 
 
 def pytest_terminal_summary(terminalreporter):
-    tried = [backend_id(*b) for b in BACKENDS + DEVICE_RUNS + AUTODIFF + MODEL_BACKENDS]
+    pools = BACKENDS + DEVICE_RUNS + AUTODIFF + MODEL_BACKENDS + [MODEL_TINYGRAD]
+    tried = [backend_id(*b) for b in pools]
     ran = [b for b in tried if b in _cache and b not in _skipped]
     terminalreporter.write_line(f"backends tested: {', '.join(dict.fromkeys(ran)) or 'none'}")
     for key, why in sorted(_skipped.items()):

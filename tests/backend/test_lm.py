@@ -19,7 +19,8 @@ from moe_min.spec import (ExpertChoice, ExpertMLP, MixtureOfDepths, SoftMoE, Spe
 T, D = 16, 32
 SCHEMES = ["dense", "token_choice", "expert_choice", "mod"]
 
-MODEL_LEVEL = True  # numpy and MLX: tinygrad compiles per shape (tests/conftest.py)
+MODEL_LEVEL = True  # numpy and MLX; tinygrad compiles per shape, so only tests marked
+# tinygrad_too (the decoding, causality and MoD properties) also run there
 
 
 def _config(scheme: str) -> LMConfig:
@@ -68,6 +69,7 @@ def _decode(ops, config, params, tokens, prompt: int):
     return np.concatenate([_np(ops, s) for s in steps], axis=1), cache
 
 
+@pytest.mark.tinygrad_too
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_incremental_decoding_matches_the_causal_forward(ops, scheme):
     config = _config(scheme)
@@ -82,6 +84,7 @@ def test_incremental_decoding_matches_the_causal_forward(ops, scheme):
         assert all(0 < cache[i].length < T for i in (1, 3)), [c.length for c in cache]
 
 
+@pytest.mark.tinygrad_too
 def test_mod_decoding_after_a_prompt_that_routes_nothing_into_a_block(ops):
     config = _config("mod")
     params, tokens = _params(config, seed=1), _tokens((1, T), seed=3)  # block 3: from t = 7
@@ -108,11 +111,13 @@ def _future_leak(ops, scheme: str, mode: str, t: int = 9) -> float:
     return float(np.abs(past - past[:1]).max() / np.abs(past).max())
 
 
+@pytest.mark.tinygrad_too
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_causal_mode_never_reads_the_future(ops, scheme):
     assert _future_leak(ops, scheme, "causal") < 1e-5
 
 
+@pytest.mark.tinygrad_too
 @pytest.mark.parametrize("scheme", ["token_choice", "expert_choice", "mod"])  # TC: drops
 def test_training_mode_reads_the_future_so_the_check_can_see_a_leak(ops, scheme):
     assert _future_leak(ops, scheme, "train") > 1e-3
@@ -124,6 +129,7 @@ def _block(ops, config, params, x, positions, mode="causal", block=1):
                     mode=mode, noise=False)
 
 
+@pytest.mark.tinygrad_too
 @pytest.mark.parametrize("mode", lm.MODES)
 def test_mod_block_with_zero_router_weight_is_the_identity_on_every_token(ops, mode):
     config = _config("mod")
@@ -135,6 +141,7 @@ def test_mod_block_with_zero_router_weight_is_the_identity_on_every_token(ops, m
     np.testing.assert_array_equal(_np(ops, y), _np(ops, ops.asarray(x)))
 
 
+@pytest.mark.tinygrad_too
 def test_mod_routed_outputs_ignore_unrouted_tokens_at_true_positions(ops):
     config = _config("mod")
     params, x = _params(config), np.random.default_rng(5).standard_normal((1, T, D))
