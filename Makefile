@@ -28,10 +28,12 @@ clean:
 # make demo: the first thing to run. Builds .venv (MLX + matplotlib; the same stamp rule as
 # above), trains a Mixture-of-Depths byte model for ~3 minutes on 2 CPU cores with a progress
 # bar and evaluations in training and causal mode, then samples from its checkpoint (~5 min).
+# On Linux with an NVIDIA GPU (nvidia-smi lists one) the demo installs MLX's CUDA build.
+DEMO_EXTRAS ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,mlx),plot
 DEMO_OUT ?= runs/demo
 DEMO_TRAIN ?= --config tiny-mod --steps 650 --batch-size 16 --lr 6e-3 --eval-every 130
 demo:
-	@$(MAKE) --no-print-directory venv EXTRAS=mlx,plot
+	@$(MAKE) --no-print-directory venv EXTRAS=$(DEMO_EXTRAS)
 	$(VENV)/bin/moe-min train $(DEMO_TRAIN) --out $(DEMO_OUT)
 	$(VENV)/bin/moe-min generate --checkpoint $(DEMO_OUT)/checkpoint --max-tokens 400 \
 		--prompt "The with statement" --temperature 0.8 --seed 0
