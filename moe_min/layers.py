@@ -1,6 +1,7 @@
 """Applying a plan: gather tokens into per-expert buffers, run every expert as one batched
-matmul, scatter-add the weighted outputs back; and the MoD block branch (attention among the
-routed tokens at their true positions, then an MLP). `forward` returns the quantities of
+matmul, bring the weighted outputs back (token choice: each token gathers its K; other
+schemes scatter-add); and the MoD block branch (attention among the routed tokens at their
+true positions, then an MLP). `forward` returns the quantities of
 docs/conventions.md, which the conformance suite compares with the oracle.
 May import: moe_min.spec, moe_min.ops, moe_min.routing.
 """
