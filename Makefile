@@ -6,10 +6,15 @@ VENV := .venv
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test venv clean demo
+.PHONY: test venv clean demo syscheck
 
-test: $(STAMP)
+# SYSCHECK=0 skips the preflight (the backends that need a missing library are then skipped)
+SYSCHECK ?= 1
+test: syscheck $(STAMP)
 	$(VENV)/bin/python -m pytest -q -rfEs $(PYTEST_ARGS)
+
+syscheck:
+	@if [ "$(SYSCHECK)" != 0 ]; then $(PYTHON) scripts/check_system.py $(EXTRAS); fi
 
 venv: $(STAMP)
 

@@ -1,0 +1,70 @@
+"""Preflight for `make test`: the system libraries the backends load, each missing one named
+on one line with the Debian package that provides it, before any venv or test is built.
+
+Without this, a missing library shows up ten minutes later as a skipped backend (or, under
+CI, a failed one) with a loader traceback. Stdlib only: it runs on the system python.
+Usage: python3 scripts/check_system.py EXTRAS   (EXTRAS as in the Makefile, e.g. test,mlx,tinygrad)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import platform
+import shutil
+import sys
+
+
+def _loads(*names: str) -> bool:
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _openblas() -> bool:
+    if os.environ.get("MOE_MIN_BLAS"):  # the user pointed MLX at a BLAS of their own
+        return os.path.isfile(os.environ["MOE_MIN_BLAS"])
+    arch = f"{platform.machine()}-linux-gnu"
+    paths = [f"/usr/lib/{arch}/{v}libopenblas.so.0" for v in ("openblas-pthread/", "", "openblas-openmp/")]
+    return any(os.path.isfile(p) for p in paths) or bool(ctypes.util.find_library("openblas"))
+
+
+# (extra that needs it, what, found?, Debian package)
+CHECKS = [
+    ("tinygrad", "clang (tinygrad's CPU device compiles C with it)",
+     lambda: bool(shutil.which(os.environ.get("CC", "clang"))), "clang"),
+    ("tinygrad", "libOpenCL.so.1, the OpenCL ICD loader (tinygrad's CL device)",
+     lambda: _loads("libOpenCL.so.1", "libOpenCL.so"), "ocl-icd-libopencl1"),
+    ("tinygrad", "an OpenCL platform driver in /etc/OpenCL/vendors (tinygrad's CL device)",
+     lambda: bool(glob.glob("/etc/OpenCL/vendors/*.icd")), "pocl-opencl-icd"),
+    ("mlx", "libopenblas.so.0 (MLX on Linux CPU otherwise runs a ~30x slower reference BLAS)",
+     _openblas, "libopenblas0-pthread"),
+]
+
+
+def missing(extras: set[str]) -> list[str]:
+    if platform.system() != "Linux":  # macOS brings clang, OpenCL and Accelerate itself
+        return []
+    return [f"missing system library: {what}; install it with `apt-get install {package}`"
+            for extra, what, found, package in CHECKS if extra in extras and not found()]
+
+
+def main(argv: list[str]) -> int:
+    extras = set(argv[1].split(",")) if len(argv) > 1 else {"mlx", "tinygrad"}
+    lines = missing(extras)
+    for line in lines:
+        print(line, file=sys.stderr)
+    if lines:
+        print("(or run `SYSCHECK=0 make test` to test without them: those backends are then"
+              " reported as skipped)", file=sys.stderr)
+    return 1 if lines else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
