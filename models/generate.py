@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from moe_min.models import data, lm
+from moe_min.models import data, decode
 
 
 def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -47,38 +47,40 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
 
 def generate_step(ops, config, params: dict, prompt: np.ndarray, *,
                   sampler: Callable[[np.ndarray], int], max_tokens: int | None = None,
-                  stats: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                  stats: dict | None = None, skip: str | None = None,
+                  decoder: decode.Decoder | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, log-probabilities (V,)) for each new token after `prompt` (1-d token
     ids), `max_tokens` of them (None: without end). The prompt is prefilled in one causal
-    call, which also fills the cache; each new token is then one decode call. When the
+    call, which also fills the cache; each new token is then one decode call, both through
+    compiled functions of fixed shapes (models/decode.py; `skip` is its MoD skip). When the
     context is full, the last half of it is prefilled afresh at positions 0.. (the model
     never saw positions past its context), so generation can run past the context.
     `stats`, if given, gets the realised fraction of the window's tokens that entered each
-    MoD-routed block (its sparse cache's length): near the capacity, not 1 (P1)."""
+    MoD-routed block (its sparse cache's length): near the capacity, not 1 (P1).
+    `decoder`: reuse one (and its compiled steps) across calls."""
     history = [int(t) for t in np.asarray(prompt).reshape(-1)]
     check_prompt(config, len(history))
+    decoder = decoder or decode.Decoder(ops, config, params, skip=skip)
     window, count = history, 0
-    while max_tokens is None or count < max_tokens:
-        if window is not None:  # (re)fill the cache with a whole window
-            cache = lm.new_cache(config, batch=1)
-            logits, cache = lm.decode(ops, config, params, np.array([window], np.int32),
-                                      cache, 0)
-            position, window = len(window), None
-        if stats is not None:
-            stats["routed_fraction"] = {i: c.length / position for i, c in enumerate(cache)
+    try:
+        while max_tokens is None or count < max_tokens:
+            if window is not None:  # (re)fill the cache with a whole window
+                last = decoder.prefill(np.array([window], np.int32))[0]
+                window = None
+            logprobs = last - np.logaddexp.reduce(last)
+            token = sampler(logprobs)
+            yield token, logprobs
+            history.append(token)
+            count += 1
+            if decoder.position == config.context:
+                window = history[-(config.context // 2):]
+            else:
+                last = decoder.step(np.array([[token]], np.int32))[0]
+    finally:  # read once at the end (or when the caller stops): a host read per token costs
+        if stats is not None and decoder.cache is not None:
+            stats["routed_fraction"] = {i: n / decoder.position
+                                        for i, n in decoder.lengths().items()
                                         if config.block_kind(i) == "mod"}
-        last = ops.to_numpy(logits[:, -1])[0].astype(np.float64)
-        logprobs = last - np.logaddexp.reduce(last)
-        token = sampler(logprobs)
-        yield token, logprobs
-        history.append(token)
-        count += 1
-        if position == config.context:
-            window = history[-(config.context // 2):]
-        else:
-            logits, cache = lm.decode(ops, config, params, np.array([[token]], np.int32),
-                                      cache, position)
-            position += 1
 
 
 def check_prompt(config, length: int) -> None:
@@ -97,7 +99,6 @@ def generate(ops, config, params: dict, prompt: str, *, max_tokens: int = 200,
     prefill included, and the number of tokens). `stats` as in `generate_step`."""
     tokens = data.encode(prompt)
     check_prompt(config, len(tokens))
-    params = {k: ops.asarray(v) for k, v in params.items()}
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces, count, start = [], 0, time.perf_counter()
     for token, _ in generate_step(ops, config, params, tokens, sampler=sampler,

@@ -18,10 +18,10 @@ alone, exactly as at sampling time, so no position reads a later one:
   is its own. Routing groups play no part in causal mode (each token is alone).
 How many tokens a causal decision routes is not known in advance, so the causal full forward
 pads: each expert gets T slots, a MoD block T masked rows. It is for validation and prefill;
-the compute saving of MoD shows in `decode`, where a skipped block does no work at all.
-`decode` runs the causal path with a KV cache. A token that skips a MoD-routed block writes
-nothing into that block's cache; attention there sees only the tokens that entered it, keys
-rotated at their true positions. MoD decodes batch 1 (rows route different tokens: ragged).
+the compute saving of MoD shows in decoding (models/decode.py), where a skipped block can do
+no work at all. A token that skips a MoD-routed block writes nothing into that block's cache;
+attention there sees only the tokens that entered it, keys rotated at their true positions.
+MoD decodes batch 1 (rows route different tokens: ragged).
 
 Shapes: B batch, T tokens, D model width, V vocab, E experts, N cached tokens, Hd heads.
 """
@@ -29,14 +29,14 @@ Shapes: B batch, T tokens, D model width, V vocab, E experts, N cached tokens, H
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 
 from moe_min.layers import apply_mod, apply_slots, block_branch, experts, rms_norm
 from moe_min.models.configs import LMConfig
 from moe_min.ops import Array, Ops
-from moe_min.routing import causal_decisions, route
+from moe_min.routing import route
 from moe_min.spec import ExpertChoice, ExpertMLP, TokenChoice
 
 MODES = ("train", "eval", "causal")
@@ -118,43 +118,6 @@ def layer_params(params: dict, i: int) -> dict:
     return out
 
 
-# ---- KV cache ----------------------------------------------------------------------------
-
-@dataclass
-class BlockCache:
-    """One block's cache: keys (rotated at their true positions) and values of exactly the
-    tokens that entered the block. `positions` (B, N) are those true positions, increasing."""
-
-    k: Array | None = None  # (B, Hd, N, D/Hd)
-    v: Array | None = None
-    positions: np.ndarray = field(default_factory=lambda: np.zeros((1, 0), np.int64))
-
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
-
-    def hook(self, ops: Ops):
-        """The `kv` callable of layers.block_branch: attend over cached + new keys, then store
-        the new ones (every row is a real token: `block` passes no padding with a cache)."""
-
-        def kv(k, v, positions, valid):
-            self.k = k if self.k is None else ops.concatenate([self.k, k], axis=2)
-            self.v = v if self.v is None else ops.concatenate([self.v, v], axis=2)
-            self.positions = np.concatenate([self.positions, ops.to_numpy(positions)], axis=1)
-            every = ops.asarray(self.positions, "int")
-            return self.k, self.v, every, every >= 0
-
-        return kv
-
-
-def new_cache(config: LMConfig, batch: int = 1) -> list[BlockCache]:
-    """An empty cache, one `BlockCache` per block. MoD configs decode batch 1 only."""
-    if config.mod is not None and batch != 1:
-        raise ValueError(f"new_cache: batch {batch} with MoD blocks: each sequence routes "
-                         f"different tokens into a routed block, so decode batch 1")
-    return [BlockCache(positions=np.zeros((batch, 0), np.int64)) for _ in range(config.layers)]
-
-
 # ---- model -------------------------------------------------------------------------------
 
 def _stats(ops: Ops, plan, tokens: int) -> dict:
@@ -194,30 +157,18 @@ def _moe(ops: Ops, config: LMConfig, params: dict, u: Array, mode: str, noise: b
     return ops.reshape(y, (B, T, D)), _stats(ops, plan, B * T)
 
 
-def _enters(ops: Ops, spec, params: dict, x: Array) -> bool:
-    """Does any token of x enter this MoD block at sampling time? One small host read."""
-    decided = causal_decisions(ops, spec, params, x)
-    return bool(ops.to_numpy(ops.sum(ops.astype(decided, "int"))) > 0)
-
-
 def block(ops: Ops, config: LMConfig, params: dict, i: int, x: Array, positions: Array, *,
-          mode: str = "eval", noise: bool = True, cache: BlockCache | None = None):
+          mode: str = "eval", noise: bool = True, kv=None):
     """Block i on x (B, T, D) at true `positions` (B, T) -> (y, stats); stats {} if dense.
     params: backend arrays by model name. dense/MoE: y = h + ffn(norm2 h), h = x + attn(norm1 x);
-    MoD: y = x + weight(r)·f(x) at the routed tokens, x elsewhere (layers.apply_mod)."""
+    MoD: y = x + weight(r)·f(x) at the routed tokens, x elsewhere (layers.apply_mod).
+    kv: the attention's cache hook (layers.block_branch; models/decode.py writes one)."""
     kind, p = config.block_kind(i), layer_params(params, i)
     shape = {"heads": config.heads, "rope_base": config.rope_base, "norm_eps": config.norm_eps,
              "mlp": config.mlp}
-    kv = None if cache is None else cache.hook(ops)
     if kind == "mod":
-        if cache is not None and not _enters(ops, config.mod, p, x):
-            return x, {}  # decode: skipped before any routing work, nothing cached (P1)
         plan = route(config.mod, x, p, ops, mode=mode, validate=False)
         stats = _stats(ops, plan, x.shape[0] * x.shape[1])
-        if cache is not None:  # decode, batch 1: run the routed tokens only (they come first)
-            routed = int(ops.to_numpy(plan.stats["load"]).sum())  # > 0: _enters said so
-            plan.slot_token, plan.slot_weight = (plan.slot_token[..., :routed],
-                                                 plan.slot_weight[..., :routed])
         return apply_mod(ops, shape, p, x, plan, positions=positions, kv=kv), stats
     stats = {}
 
@@ -231,24 +182,32 @@ def block(ops: Ops, config: LMConfig, params: dict, i: int, x: Array, positions:
     return x + f, stats
 
 
-def _run(ops: Ops, config: LMConfig, params: dict, tokens, mode: str, noise: bool,
-         cache: list[BlockCache] | None = None, start: int = 0):
+def embed(ops: Ops, params: dict, tokens: Array) -> Array:
+    """Token embeddings (B, T, D) of int `tokens` (B, T)."""
+    return ops.take(params["embed"], tokens, axis=0)
+
+
+def head(ops: Ops, config: LMConfig, params: dict, x: Array) -> Array:
+    """Logits (B, T, V) of the last block's output x (B, T, D)."""
+    x = rms_norm(ops, x, params["norm_f"], config.norm_eps)
+    w = ops.transpose(params["embed"], (1, 0)) if config.tie_embeddings else params["head"]
+    return x @ w
+
+
+def _run(ops: Ops, config: LMConfig, params: dict, tokens, mode: str, noise: bool):
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     p = {name: ops.asarray(value) for name, value in params.items()}
     tokens = ops.asarray(tokens, "int")
     B, T = tokens.shape
-    x = ops.take(p["embed"], tokens, axis=0)  # (B, T, D)
-    positions = ops.broadcast_to(ops.reshape(ops.arange(T) + start, (1, T)), (B, T))
+    x = embed(ops, p, tokens)
+    positions = ops.broadcast_to(ops.reshape(ops.arange(T), (1, T)), (B, T))
     aux, blocks = ops.zeros(()), {}
     for i in range(config.layers):
-        x, stats = block(ops, config, p, i, x, positions, mode=mode, noise=noise,
-                         cache=None if cache is None else cache[i])
+        x, stats = block(ops, config, p, i, x, positions, mode=mode, noise=noise)
         if stats:
             aux, blocks[i] = aux + stats["aux"], stats
-    x = rms_norm(ops, x, p["norm_f"], config.norm_eps)
-    head = ops.transpose(p["embed"], (1, 0)) if config.tie_embeddings else p["head"]
-    return x @ head, {"aux": aux, "blocks": blocks}  # logits (B, T, V)
+    return head(ops, config, p, x), {"aux": aux, "blocks": blocks}  # logits (B, T, V)
 
 
 def forward(ops: Ops, config: LMConfig, params: dict, tokens, *, mode: str = "train",
@@ -274,19 +233,3 @@ def loss(ops: Ops, config: LMConfig, params: dict, tokens, targets, *, mode: str
     picked = ops.reshape(ops.take_along_axis(logits, targets, axis=-1), (B, T))
     ce = ops.mean(ops.logsumexp(logits, axis=-1) - picked)
     return ce + info["aux"], {"ce": ce, "aux": info["aux"], "blocks": info["blocks"]}
-
-
-def decode(ops: Ops, config: LMConfig, params: dict, tokens, cache: list[BlockCache],
-           start: int):
-    """Logits (B, n, V) for `tokens` (B, n) at positions start.. start+n-1, through the causal
-    path, reading and extending `cache` (updated in place and returned). Prefill is one call
-    with the whole prompt; then one token per call."""
-    batch = cache[0].positions.shape[0]
-    if len(np.shape(tokens)) != 2 or np.shape(tokens)[0] != batch:
-        raise ValueError(f"decode: tokens of shape {tuple(np.shape(tokens))}: expected "
-                         f"(batch={batch}, n), the cache's batch")
-    last = max((int(c.positions.max()) for c in cache if c.length), default=-1)
-    if start <= last:
-        raise ValueError(f"decode: start {start} but the cache already holds position {last}")
-    logits, _ = _run(ops, config, params, tokens, "causal", False, cache, start)
-    return logits, cache

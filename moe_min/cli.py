@@ -116,6 +116,40 @@ def bench_matmul(backend, device, size):
     _print_timings(b.matmul_gflops(_backend(backend, device), size))
 
 
+@bench.command("generate")
+@click.option("--config", "config_name", default="tiny-mod", show_default=True,
+              help="A preset (moe-min train --help lists them), with fresh parameters.")
+@click.option("--checkpoint", default=None, help="Time a trained checkpoint instead.")
+@click.option("--backend", default="mlx", show_default=True)
+@click.option("--device", default=None)
+@click.option("--skip", type=click.Choice(["both", "mask", "branch"]), default="both",
+              show_default=True, help="MoD blocks at decode time (models/decode.py).")
+@click.option("--prompt-len", default=64, show_default=True)
+@click.option("--tokens", default=300, show_default=True, help="Decode steps per variant.")
+@click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
+def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
+                   compare_mlx):
+    """Prefill and decode tokens/s (batch 1) through the compiled static-shape steps, next to
+    MLX and the same-shape dense model; first compiles timed apart (models/bench_generate.py)."""
+    from moe_min import bench as b
+    from moe_min.models import bench_generate as g
+    from moe_min.models import train as t
+
+    if checkpoint:
+        ckpt = _run_library(t.load_checkpoint, checkpoint, optimizer=False)
+        config, params, name = ckpt.config, ckpt.params, checkpoint
+    else:
+        config, params, name = _run_library(t.model_config, config_name), None, config_name
+    if t.is_encoder(config):
+        raise click.ClickException(f"{name}: an encoder does not generate")
+    pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
+    click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
+               f"per variant; {b.environment()}")
+    variants = [v for pool in pools for v in g.variants(_backend(*pool), config, params, name,
+                                                        skip)]
+    g.report(g.run(variants, prompt_len, tokens), click.echo)
+
+
 # ---- training and sampling (models/train.py, models/generate.py) ---------------------------
 
 def _run_library(fn, *args, **kwargs):

@@ -119,27 +119,26 @@ def _claim_slots(ops: Ops, spec: TokenChoice, top_gate, top_expert, weight, C: i
     else:
         order = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S)), (G, S))
     order3 = ops.reshape(order, (G, S, 1))
-    token_weight = weight
-    expert, weight = _k_major(ops, top_expert, order3, G, N), _k_major(ops, weight, order3, G, N)
+    expert, claim_weight = (_k_major(ops, v, order3, G, N) for v in (top_expert, weight))
     tokens = ops.broadcast_to(ops.reshape(ops.arange(S), (1, S, 1)), (G, S, K))
     claims = ops.broadcast_to(ops.reshape(ops.arange(N), (1, S, K)), (G, S, K))  # s·K + k
     token, claim = _k_major(ops, tokens, order3, G, N), _k_major(ops, claims, order3, G, N)
     perm = ops.argsort(expert, axis=-1)  # stable, so claims keep their order within an expert
-    expert, token, weight, claim = (ops.take_along_axis(v, perm, axis=-1)
-                                    for v in (expert, token, weight, claim))
+    expert, token, claim_weight, claim = (ops.take_along_axis(v, perm, axis=-1)
+                                          for v in (expert, token, claim_weight, claim))
     demand = ops.scatter_add(ops.zeros((G, E), "int"), expert, _ones(ops, (G, N), "int"), axis=-1)
     first = ops.cumsum(demand, axis=-1) - demand
     rank = ops.reshape(ops.arange(N), (1, N)) - ops.take_along_axis(first, expert, axis=-1)
     kept = rank < C
     slot = ops.where(kept, expert * C + rank, E * C)  # dropped claims go to one spare slot
     slot_token = ops.scatter_add(ops.zeros((G, E * C + 1), "int"), slot, token + 1, axis=-1)
-    slot_weight = ops.scatter_add(ops.zeros((G, E * C + 1)), slot, weight, axis=-1)
+    slot_weight = ops.scatter_add(ops.zeros((G, E * C + 1)), slot, claim_weight, axis=-1)
     per_token = ops.scatter_add(ops.zeros((G, S), "int"), token, ops.astype(kept, "int"), axis=-1)
     load = ops.where(demand < C, demand, C)
     choice_slot = ops.reshape(ops.scatter_add(ops.zeros((G, N), "int"), claim, slot, axis=-1),
                               (G, S, K))  # back to token order: each claim id once
     # the weights in token order are the input's: no gradient through the sorts above
-    choice_weight = ops.where(choice_slot < E * C, token_weight, 0.0)
+    choice_weight = ops.where(choice_slot < E * C, weight, 0.0)
     return (ops.reshape(slot_token[:, : E * C] - 1, (G, E, C)),
             ops.reshape(slot_weight[:, : E * C], (G, E, C)), per_token, load,
             choice_slot, choice_weight)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from moe_min.models import encoder, lm
+from moe_min.models import decode, encoder, lm
 from moe_min.models.configs import PRESETS, EncoderConfig, LMConfig, apply_overrides
 from moe_min.spec import (ExpertChoice, ExpertMLP, MixtureOfDepths, SoftMoE, SpecError,
                           TokenChoice)
@@ -58,30 +58,30 @@ def _routed(ops, stats, row: int = 0) -> np.ndarray:
     return np.flatnonzero(_np(ops, stats["experts_per_token"])[row])
 
 
-def _decode(ops, config, params, tokens, prompt: int):
-    """Prefill `prompt` tokens in one call, then one token per call -> (logits, cache)."""
-    cache = lm.new_cache(config)
-    out, cache = lm.decode(ops, config, params, tokens[:, :prompt], cache, 0)
-    steps = [out]
+def _decode(ops, config, params, tokens, prompt: int, skip: str = "branch"):
+    """Prefill `prompt` tokens in one call, then one token per call -> (logits, decoder)."""
+    decoder = decode.Decoder(ops, config, params, skip=skip)
+    steps = [decoder.prefill(tokens[:, :prompt])[:, None]]
     for t in range(prompt, tokens.shape[1]):
-        out, cache = lm.decode(ops, config, params, tokens[:, t:t + 1], cache, t)
-        steps.append(out)
-    return np.concatenate([_np(ops, s) for s in steps], axis=1), cache
+        steps.append(decoder.step(tokens[:, t:t + 1])[:, None])
+    return np.concatenate([steps[0], *steps[1:]], axis=1), decoder
 
 
 @pytest.mark.tinygrad_too
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_incremental_decoding_matches_the_causal_forward(ops, scheme):
+@pytest.mark.parametrize("scheme, skip", [*((s, "branch") for s in SCHEMES), ("mod", "mask")])
+def test_incremental_decoding_matches_the_causal_forward(ops, scheme, skip):
     config = _config(scheme)
     params, tokens = _params(config), _tokens((1, T))
     full, info = lm.forward(ops, config, params, tokens, mode="causal")
-    got, cache = _decode(ops, config, params, tokens, prompt=6)
-    _close(ops, got, full)
-    for i, c in enumerate(cache):  # dense/MoE blocks hold every token; MoD the routed ones
+    prompt = 6
+    got, decoder = _decode(ops, config, params, tokens, prompt, skip)
+    _close(ops, got, _np(ops, full)[:, prompt - 1:])
+    lengths = decoder.lengths()
+    for i in range(config.layers):  # dense/MoE blocks hold every token; MoD the routed ones
         want = _routed(ops, info["blocks"][i]) if config.block_kind(i) == "mod" else np.arange(T)
-        assert c.positions[0].tolist() == want.tolist() and c.length == len(want)
+        assert decoder.positions(i) == want.tolist() and lengths[i] == len(want)
     if scheme == "mod":
-        assert all(0 < cache[i].length < T for i in (1, 3)), [c.length for c in cache]
+        assert all(0 < lengths[i] < T for i in (1, 3)), lengths
 
 
 @pytest.mark.tinygrad_too
@@ -92,13 +92,13 @@ def test_mod_decoding_after_a_prompt_that_routes_nothing_into_a_block(ops):
     full, info = lm.forward(ops, config, params, tokens, mode="causal")
     routed = _routed(ops, info["blocks"][3])
     assert _routed(ops, info["blocks"][1]).size == 0 and 0 < routed[0] < routed[-1], routed
-    cache = lm.new_cache(config)
-    _, cache = lm.decode(ops, config, params, tokens[:, :routed[0]], cache, 0)
-    assert cache[1].length == 0 and cache[3].length == 0  # the prompt routed nothing into them
-    got, cache = _decode(ops, config, params, tokens, prompt=int(routed[0]))
-    _close(ops, got, full)
-    assert cache[1].length == 0 and cache[3].positions[0].tolist() == routed.tolist()
-    assert np.all(np.diff(cache[3].positions[0]) > 0)
+    prompt = int(routed[0])
+    decoder = decode.Decoder(ops, config, params)
+    decoder.prefill(tokens[:, :prompt])
+    assert decoder.lengths()[1] == 0 and decoder.lengths()[3] == 0  # nothing routed yet
+    got, decoder = _decode(ops, config, params, tokens, prompt)
+    _close(ops, got, _np(ops, full)[:, prompt - 1:])
+    assert decoder.lengths()[1] == 0 and decoder.positions(3) == routed.tolist()
 
 
 def _future_leak(ops, scheme: str, mode: str, t: int = 9) -> float:

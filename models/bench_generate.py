@@ -1,0 +1,160 @@
+"""`moe-min bench generate`: prefill and decode tokens/s of a decoder through the compiled
+static-shape steps (models/decode.py), for one backend next to MLX and next to the same-shape
+dense model, as ratios from one run. The first calls, which trace and compile, are timed apart.
+Decode steps of all variants are timed round-robin in rounds, so a slow spell on a shared
+machine hits all alike. Never used by tests as assertions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from moe_min.models import decode, lm
+
+
+@dataclass
+class Variant:
+    label: str
+    ops: object
+    config: object
+    params: dict
+    skip: str
+    decoder: decode.Decoder | None = None
+    first: float = 0.0  # seconds of the first prefill and the first two steps (compiles)
+    prefill: list = field(default_factory=list)  # seconds per prefill after the first
+    steps: list = field(default_factory=list)  # seconds per decode step after the first two
+    token: int = 0
+    routed: dict = field(default_factory=dict)
+
+
+def dense_twin(config):
+    """The same shape with every block dense: the baseline of a routed model."""
+    return replace(config, mod=None, moe=None)
+
+
+def calibrated_params(ops, config, seed: int = 0) -> dict:
+    """Fresh parameters whose MoD predictors route about `capacity` of the tokens: at init
+    the predictor's bias sits at the base rate's logit, below the threshold, so it would
+    route nothing and time a model that skips every block. Each bias is shifted so that the
+    predictor logits of a random batch (eval mode) cross the threshold at the capacity."""
+    params = lm.init_params(config, seed)
+    if config.mod is None or config.mod.predictor is None:
+        return params
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab, (4, config.context))
+    _, info = lm.forward(ops, config, params, tokens, mode="eval", noise=False)
+    for i, stats in info["blocks"].items():
+        logits = np.asarray(ops.to_numpy(stats["predictor_logits"]), np.float64).ravel()
+        cut = np.quantile(logits, 1.0 - config.mod.capacity)
+        name = f"blocks.{i}.predictor_b2"
+        params[name] = (params[name] + (config.mod.predictor.threshold - cut)).astype(np.float32)
+    return params
+
+
+def variants(ops, config, params: dict | None, name: str, skip: str = "both") -> list[Variant]:
+    """The routed model under each MoD skip ("both": mask and branch) and its dense twin, on
+    one backend; params None: fresh, calibrated ones."""
+    label = f"{ops.name}-{ops.device}"
+    params = params if params is not None else calibrated_params(ops, config)
+    modes = list(decode.SKIP_MODES) if skip == "both" else [skip]
+    out = [Variant(f"{label} {name} ({mode})", ops, config, params, mode)
+           for mode in (modes if config.mod is not None else ["mask"])]
+    twin = dense_twin(config)
+    return [*out, Variant(f"{label} dense twin", ops, twin, lm.init_params(twin, 0), "mask")]
+
+
+def report(variants: list[Variant], echo) -> None:
+    for v in variants:
+        routed = "".join(f" b{i}:{f:.0%}" for i, f in v.routed.items())
+        echo(f"  {v.label:<40} prefill {prefill_rate(v):9.0f} tok/s  decode "
+             f"{decode_rate(v):8.1f} tok/s  first calls {v.first:6.2f} s"
+             + (f"  routed{routed}" if routed else ""))
+    for label, value in ratios(variants):
+        echo(f"  {label:<52} {value:6.2f}x")
+
+
+def _prompt(config, length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(32, 127, (1, length)).astype(np.int32)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _run_round(v: Variant, prompt: np.ndarray, count: int, context: int) -> None:
+    """`count` decode steps of greedy tokens; a full context is refilled with its last half
+    (not timed as decode), as generation does."""
+    d = v.decoder
+    for _ in range(count):
+        if d.position >= context:
+            window = np.concatenate([prompt[0], [v.token]])[-(context // 2):]
+            d.prefill(window[None].astype(np.int32))
+        logits, seconds = _timed(lambda: d.step(np.array([[v.token]], np.int32)))
+        v.steps.append(seconds)
+        v.token = int(np.argmax(logits[0]))
+
+
+def run(variants: list[Variant], prompt_len: int = 64, tokens: int = 300, rounds: int = 6,
+        seed: int = 0) -> list[Variant]:
+    """Time every variant: the first prefill + two steps (compiles), then `rounds` rounds of
+    one prefill and tokens/rounds decode steps each, round-robin over the variants."""
+    for v in variants:
+        prompt = _prompt(v.config, min(prompt_len, v.config.context - 1), seed)
+        v.decoder = decode.Decoder(v.ops, v.config, v.params, skip=v.skip)
+        start = time.perf_counter()
+        logits = v.decoder.prefill(prompt)
+        for _ in range(2):  # tinygrad's TinyJit runs eagerly, captures, then replays
+            v.token = int(np.argmax(logits[0]))
+            logits = v.decoder.step(np.array([[v.token]], np.int32))
+        v.token = int(np.argmax(logits[0]))
+        v.first = time.perf_counter() - start
+    per_round = max(1, tokens // rounds)
+    for _ in range(rounds):
+        for v in variants:
+            prompt = _prompt(v.config, min(prompt_len, v.config.context - 1), seed)
+            last, seconds = _timed(lambda v=v, p=prompt: v.decoder.prefill(p))
+            v.prefill.append(seconds / prompt.shape[1])
+            v.token = int(np.argmax(last[0]))
+            _run_round(v, prompt, per_round, v.config.context)
+            if v.config.mod is not None:
+                lengths = v.decoder.lengths()
+                v.routed = {i: n / v.decoder.position for i, n in lengths.items()
+                            if v.config.block_kind(i) == "mod"}
+    return variants
+
+
+def decode_rate(v: Variant) -> float:
+    """Throughput of the timed steps: their count over their total time."""
+    return len(v.steps) / sum(v.steps)
+
+
+def prefill_rate(v: Variant) -> float:
+    return 1.0 / statistics.median(v.prefill)
+
+
+def ratios(variants: list[Variant]) -> list[tuple[str, float]]:
+    """Per backend, the faster MoD skip over the dense twin (decode), then each backend's
+    decode and prefill over MLX's, both with their faster skip."""
+    backends = list(dict.fromkeys(v.label.split(" ")[0] for v in variants))
+    best = {}
+    for b in backends:
+        mine = [v for v in variants if v.label.startswith(b + " ")]
+        routed = [v for v in mine if "dense twin" not in v.label]
+        best[b] = max(routed, key=decode_rate), [v for v in mine if v not in routed][0]
+    out = []
+    for b, (fast, twin) in best.items():
+        out.append((f"{b} decode, routed ({fast.skip}) / dense twin",
+                    decode_rate(fast) / decode_rate(twin)))
+    mlx = next((b for b in backends if b.startswith("mlx")), None)
+    for b in backends:
+        if mlx and b != mlx:
+            out.append((f"{b} / {mlx} decode", decode_rate(best[b][0]) / decode_rate(best[mlx][0])))
+            out.append((f"{b} / {mlx} prefill",
+                        prefill_rate(best[b][0]) / prefill_rate(best[mlx][0])))
+    return out

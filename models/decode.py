@@ -1,0 +1,250 @@
+"""Static-shape incremental decoding: every array a decode call touches has a shape fixed by the
+config, so a jit backend (mx.compile, TinyJit, jax.jit) traces the step once and replays it for
+every token instead of scheduling and compiling a new graph per call.
+
+The cache is a flat dict of backend arrays, per attention block i:
+  `i.k`, `i.v` (B, Hd, L, D/Hd)  keys (rotated at their true positions) and values,
+  `i.pos` (B, L) int             the true position held in each row, -1 for an empty row,
+  `i.len` (B,) int               rows filled so far; a new token goes to row `len`.
+L is the context for every block: a dense or MoE block holds every token of the window, a
+MoD-routed block at most all of them (its sparse cache: the routed tokens only, in time order,
+at their true positions; mod_and_predictor.md §7). Writes are one-hot selections by row, so a
+call's shapes do not depend on how many tokens a MoD block took.
+
+A call is `step(params, tokens (B, n), start (1,), limit (1,), cache) -> (logits, cache)`:
+positions start.., and only tokens before `limit` are real (the rest pad a prefill to its
+bucket: they are never written, and later positions are invisible to earlier ones anyway).
+
+MoD blocks at decode time. A token that skips a routed block should cost nothing there, but
+"skip" is data, and a compiled graph has no data-dependent branch. Two ways, both here:
+- "mask": one compiled step runs every routed block on the token and masks it out (no write to
+  the cache, the residual unchanged) when the predictor says skip: no host read, no saving.
+- "branch": the step is cut at each MoD block into compiled segments; the predictor's decision
+  is read on the host and picks the segment that runs the block or the one that leaves it out.
+  One host read per MoD block, and a skipped block costs its predictor only.
+Which is faster depends on the backend's per-call cost: `moe-min bench generate` prints both.
+Prefill is always "mask" (a whole prompt routes some tokens into every block).
+May import: anything but cli.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_min.models import lm
+from moe_min.models.configs import LMConfig
+from moe_min.ops import Ops
+from moe_min.routing import causal_decisions
+
+SKIP_MODES = ("mask", "branch")
+
+
+def buckets(context: int, smallest: int = 16) -> list[int]:
+    """Prefill lengths: powers of two from `smallest` below the context, then the context."""
+    out, n = [], smallest
+    while n < context:
+        out.append(n)
+        n *= 2
+    return [*out, context]
+
+
+def new_cache(ops: Ops, config: LMConfig, batch: int = 1) -> dict:
+    """An empty cache (module docstring) for `batch` sequences."""
+    if config.mod is not None and batch != 1:
+        raise ValueError(f"decode: batch {batch} with MoD blocks: each sequence routes different "
+                         f"tokens into a routed block, so decode batch 1")
+    heads, L = config.heads, config.context
+    cache = {}
+    for i in range(config.layers):
+        z = np.zeros((batch, heads, L, config.dim // heads), np.float32)
+        cache.update({f"{i}.k": z, f"{i}.v": z, f"{i}.pos": np.full((batch, L), -1, np.int32),
+                      f"{i}.len": np.zeros(batch, np.int32)})
+    return {name: ops.asarray(value) for name, value in cache.items()}
+
+
+def _writer(ops: Ops, cache: dict, new: dict, i: int, limit):
+    """Block i's `kv` hook (layers.block_branch): write the call's real rows (valid, before
+    `limit`) at rows len, len+1, .. in order, then attend over the whole cache."""
+    k_old, v_old, pos_old, length = (cache[f"{i}.{n}"] for n in ("k", "v", "pos", "len"))
+    L = k_old.shape[2]
+
+    def kv(k, v, positions, valid):
+        B, n = positions.shape
+        valid = valid & (positions < ops.reshape(limit, (1, 1)))
+        count = ops.astype(valid, "int")
+        if n == 1:  # a decode step: one broadcast select per array, no one-hot matmul
+            hot = (ops.reshape(ops.arange(L), (1, L)) == ops.reshape(length, (B, 1))) & valid
+            where4 = ops.reshape(hot, (B, 1, L, 1))
+            new[f"{i}.k"] = ops.where(where4, k, k_old)
+            new[f"{i}.v"] = ops.where(where4, v, v_old)
+            new[f"{i}.pos"] = ops.where(hot, positions, pos_old)
+            new[f"{i}.len"] = length + ops.reshape(count, (B,))
+            return new[f"{i}.k"], new[f"{i}.v"], new[f"{i}.pos"], new[f"{i}.pos"] >= 0
+        row = ops.reshape(length, (B, 1)) + ops.cumsum(count, axis=1) - 1  # (B, n)
+        hot = (ops.reshape(row, (B, n, 1)) == ops.reshape(ops.arange(L), (1, 1, L))) & \
+            ops.reshape(valid, (B, n, 1))  # (B, n, L): new row j goes to cache row l
+        hot_int = ops.astype(hot, "int")
+        written = ops.sum(hot_int, axis=1) > 0  # (B, L)
+        to_rows = ops.reshape(ops.transpose(ops.astype(hot, "float"), (0, 2, 1)), (B, 1, L, n))
+        where4 = ops.reshape(written, (B, 1, L, 1))
+        new[f"{i}.k"] = ops.where(where4, to_rows @ k, k_old)  # exact: one 1 per written row
+        new[f"{i}.v"] = ops.where(where4, to_rows @ v, v_old)
+        pos = ops.sum(hot_int * ops.reshape(positions, (B, n, 1)), axis=1)
+        new[f"{i}.pos"] = ops.where(written, pos, pos_old)
+        new[f"{i}.len"] = length + ops.sum(count, axis=1)
+        return new[f"{i}.k"], new[f"{i}.v"], new[f"{i}.pos"], new[f"{i}.pos"] >= 0
+
+    return kv
+
+
+def _positions(ops: Ops, start, B: int, n: int):
+    return ops.broadcast_to(ops.reshape(start, (1, 1)) + ops.reshape(ops.arange(n), (1, n)),
+                            (B, n))
+
+
+def _blocks(ops, config, params, x, positions, limit, cache, new, blocks):
+    for i in blocks:
+        x, _ = lm.block(ops, config, params, i, x, positions, mode="causal", noise=False,
+                        kv=_writer(ops, cache, new, i, limit))
+    return x
+
+
+def masked_step(ops: Ops, config: LMConfig):
+    """The whole model as one function of fixed shapes ("mask")."""
+
+    def step(params, tokens, start, limit, cache):
+        B, n = tokens.shape
+        new = {}
+        x = _blocks(ops, config, params, lm.embed(ops, params, tokens),
+                    _positions(ops, start, B, n), limit, cache, new, range(config.layers))
+        return lm.head(ops, config, params, x), new
+
+    return step
+
+
+def segments(config: LMConfig) -> list[tuple[int, ...]]:
+    """The blocks of each "branch" segment: up to the first MoD block, then each MoD block with
+    the blocks after it up to the next one. Every segment but the first starts with its MoD
+    block, which runs only if the token enters it."""
+    cuts = [i for i in range(config.layers) if config.block_kind(i) == "mod"]
+    bounds = [0, *cuts, config.layers]
+    return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a or a == 0]
+
+
+def segment_step(ops: Ops, config: LMConfig, blocks: tuple[int, ...], enter: bool, first: bool,
+                 last: bool):
+    """One segment as a function of fixed shapes: x (or tokens, first) -> x and the next MoD
+    block's decision (1, 1, 1) bool, or the logits (last)."""
+    run = blocks if first or enter else blocks[1:]
+
+    def step(params, inputs, start, limit, cache):
+        B, n = inputs.shape[:2]
+        new = {}
+        x = lm.embed(ops, params, inputs) if first else inputs
+        x = _blocks(ops, config, params, x, _positions(ops, start, B, n), limit, cache, new, run)
+        if last:
+            return lm.head(ops, config, params, x), new
+        following = blocks[-1] + 1 if blocks else 0
+        decided = causal_decisions(ops, config.mod, lm.layer_params(params, following), x)
+        return x, ops.astype(decided, "int"), new
+
+    return step
+
+
+class Decoder:
+    """Prefill then one token per call, every call through a compiled function of fixed shapes.
+
+    `prefill(tokens (B, n))` starts a fresh cache and returns the logits of the last token,
+    `step(tokens (B, 1))` appends one token and returns its logits; both as NumPy (B, V).
+    `traces` counts how often a function body ran (a trace, or an eager call), per key: a
+    reused compiled step adds nothing. skip: "mask" | "branch" | None (the backend's default).
+    """
+
+    def __init__(self, ops: Ops, config: LMConfig, params: dict, *, batch: int = 1,
+                 skip: str | None = None, compiled: bool = True):
+        skip = skip or default_skip(ops)
+        if skip not in SKIP_MODES:
+            raise ValueError(f"decode skip {skip!r}: expected one of {', '.join(SKIP_MODES)}")
+        self.ops, self.config, self.batch, self.skip = ops, config, batch, skip
+        self.params = {name: ops.asarray(value) for name, value in params.items()}
+        self.compiled, self.traces, self._fns = compiled, {}, {}
+        self.cache, self.position = None, 0
+        new_cache(ops, config, batch)  # refuses a MoD batch early
+
+    def _fn(self, key, make):
+        if key not in self._fns:
+            body = make()
+
+            def counted(*args):
+                self.traces[key] = self.traces.get(key, 0) + 1
+                return body(*args)
+            self._fns[key] = self.ops.compile(counted) if self.compiled else counted
+        return self._fns[key]
+
+    def _scalar(self, value: int):
+        return self.ops.asarray(np.array([value], np.int32), "int")
+
+    def prefill(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1:
+            raise ValueError(f"prefill: tokens of shape {tokens.shape}: expected "
+                             f"(batch={self.batch}, n) with 1 <= n <= {self.config.context}")
+        n = tokens.shape[1]
+        if n > self.config.context:
+            raise ValueError(f"prefill: {n} tokens: the context is {self.config.context}")
+        size = next(b for b in buckets(self.config.context) if b >= n)
+        padded = np.zeros((self.batch, size), np.int32)
+        padded[:, :n] = tokens
+        fn = self._fn(("prefill", size), lambda: masked_step(self.ops, self.config))
+        self.cache = new_cache(self.ops, self.config, self.batch)
+        logits, self.cache = fn(self.params, self.ops.asarray(padded, "int"), self._scalar(0),
+                                self._scalar(n), self.cache)
+        self.position = n
+        return np.asarray(self.ops.to_numpy(logits), np.float64)[:, n - 1]
+
+    def step(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens).reshape(self.batch, 1)
+        if self.cache is None:
+            raise ValueError("decode step before prefill: prefill a prompt first")
+        if self.position >= self.config.context:
+            raise ValueError(f"decode: position {self.position} is past the context "
+                             f"{self.config.context}: prefill a shorter window")
+        start, limit = self._scalar(self.position), self._scalar(self.position + 1)
+        x = self.ops.asarray(tokens.astype(np.int32), "int")
+        if self.skip == "mask" or self.config.mod is None:
+            fn = self._fn(("step",), lambda: masked_step(self.ops, self.config))
+            logits, new = fn(self.params, x, start, limit, self.cache)
+        else:
+            logits, new = self._branch(x, start, limit)
+        self.cache = {**self.cache, **new}
+        self.position += 1
+        return np.asarray(self.ops.to_numpy(logits), np.float64)[:, 0]
+
+    def _branch(self, x, start, limit):
+        parts, new, enter = segments(self.config), {}, True
+        for j, blocks in enumerate(parts):
+            first, last = j == 0, j == len(parts) - 1
+            fn = self._fn(("segment", j, enter), lambda b=blocks, e=enter, f=first, la=last:
+                          segment_step(self.ops, self.config, b, e, f, la))
+            out = fn(self.params, x, start, limit, {**self.cache, **new})
+            new.update(out[-1])
+            if last:
+                return out[0], new
+            x, enter = out[0], bool(self.ops.to_numpy(out[1]).reshape(-1)[0])
+        raise AssertionError("segments() always ends with a last segment")
+
+    def lengths(self) -> dict[int, int]:
+        """Rows filled per block (batch row 0): every token for a dense block, the routed
+        ones for a MoD block."""
+        return {i: int(self.ops.to_numpy(self.cache[f"{i}.len"])[0])
+                for i in range(self.config.layers)}
+
+    def positions(self, i: int) -> list[int]:
+        """The true positions held by block i's cache (batch row 0), in row order."""
+        pos = self.ops.to_numpy(self.cache[f"{i}.pos"])[0]
+        return [int(p) for p in pos if p >= 0]
+
+
+def default_skip(ops: Ops) -> str:
+    """Per backend, the MoD skip that measured faster in `moe-min bench generate` (README)."""
+    return "branch"
