@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_min.models import configs, data, optim, plots
+from moe_min.models import configs, data, evaluation, optim, plots
 from moe_min.ops import backend_entry_points, get_backend
 from moe_min.tensorio import load_safetensors, save_safetensors
 
@@ -229,87 +229,10 @@ def materialize(ops, *trees) -> None:
     ops.to_numpy(ops.concatenate(arrays, axis=0))
 
 
-def _ce(ops, logits, targets):
-    B, T, V = logits.shape
-    picked = ops.take_along_axis(logits, ops.reshape(targets, (B, T, 1)), axis=-1)
-    return ops.to_numpy(ops.logsumexp(logits, axis=-1) - ops.reshape(picked, (B, T)))
-
-
-def _predictor_scores(pred: np.ndarray, true: np.ndarray) -> dict:
-    """Accuracy, balanced accuracy and recall/precision of "routed": at a routed fraction of
-    12.5 %, always predicting "skip" scores 87.5 % raw accuracy (mod_and_predictor.md P16)."""
-    tp, tn = float((pred & true).sum()), float((~pred & ~true).sum())
-    pos, neg = float(true.sum()), float((~true).sum())
-    recall, specificity = tp / max(pos, 1), tn / max(neg, 1)
-    return {"accuracy": (tp + tn) / max(pos + neg, 1), "balanced_accuracy": 0.5 * (
-        recall + specificity), "recall": recall, "precision": tp / max(float(pred.sum()), 1)}
-
-
-def evaluate(ops, config, params, windows: np.ndarray, mode: str, batch: int,
-             mask_rate: float = 0.15) -> dict:
-    """Mean cross-entropy (nats/byte) over `windows` (N, T+1), and per routed block the
-    expert load, dropped and unrouted fractions, realised routed fraction and predictor
-    scores, in `mode` ("eval": training-mode routing without noise; "causal": per token)."""
-    module, total, count, blocks = model_module(config), 0.0, 0, {}
-    scheme = getattr(config, "mod", None) or config.moe  # router logits (causal="router"): 0
-    threshold = getattr(getattr(scheme, "predictor", None), "threshold", 0.0)
-    for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
-        x = ops.asarray(chunk[:, :-1], "int")
-        if is_encoder(config):  # masked bytes, drawn from a fixed seed per chunk
-            value, _ = module.loss(ops, config, params, x, mask_rate, start)
-            total, count = total + float(ops.to_numpy(value)) * len(chunk), count + len(chunk)
-            continue
-        logits, info = module.forward(ops, config, params, x, mode=mode)
-        ce = _ce(ops, logits, ops.asarray(chunk[:, 1:], "int"))
-        total, count = total + float(ce.sum()), count + ce.size
-        for i, stats in info["blocks"].items():
-            acc = blocks.setdefault(i, {"tokens": 0, "pred": [], "true": []})
-            load = ops.to_numpy(stats["load"])
-            acc["load"] = acc.get("load", 0) + load.reshape(-1, load.shape[-1]).sum(0)
-            acc["tokens"] += ce.size
-            for name in ("dropped", "unrouted"):
-                acc[name] = acc.get(name, 0.0) + float(ops.to_numpy(stats[name]))
-            if "predictor_logits" in stats and mode != "causal":
-                acc["pred"].append(ops.to_numpy(stats["predictor_logits"]) > threshold)
-                acc["true"].append(ops.to_numpy(stats["predictor_targets"]) > 0.5)
-    out = {"loss": total / count, "blocks": {}}
-    for i, acc in blocks.items():
-        n, load = acc["tokens"], acc["load"]
-        k = getattr(config.moe, "top_k", 1) if config.block_kind(i) == "moe" else 1
-        report = {"load": (load / max(load.sum(), 1)).round(4).tolist(),  # share per expert
-                  "routed_fraction": 1.0 - acc["unrouted"] / n,  # tokens with >= 1 expert
-                  "experts_per_token": float(load.sum()) / n,
-                  "dropped_fraction": acc["dropped"] / (n * k)}  # token choice's lost choices
-        if acc["pred"]:
-            pred, true = (np.concatenate([a.ravel() for a in acc[key]]) for key in ("pred",
-                                                                                     "true"))
-            report["predictor"] = _predictor_scores(pred, true)
-        out["blocks"][str(i)] = report
-    return out
-
-
 # ---- the run -------------------------------------------------------------------------------
 
 def _corpus_id(tokens: np.ndarray) -> str:
     return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
-
-
-def validate(ops, config, params, splits: dict, tc: TrainConfig, final: bool) -> list[dict]:
-    """Validation in training-mode routing ("eval") and, for a decoder, in causal mode; and
-    the training split's loss in "eval" mode (the per-step objective also holds aux terms).
-    A model without routed blocks has one mode: its causal report is the "eval" one."""
-    reports = []
-    for split, mode in (("train", "eval"), ("val", "eval"), ("val", "causal")):
-        limit = (tc.final_windows or None) if final and split == "val" else tc.eval_windows
-        windows = data.eval_windows(splits[split], config.context, limit)
-        if mode == "causal" and (is_encoder(config) or not reports[-1]["blocks"]):
-            if not is_encoder(config):
-                reports.append({**reports[-1], "mode": "causal"})
-            continue
-        reports.append({"split": split, "mode": mode, **evaluate(
-            ops, config, params, windows, mode, tc.eval_batch, tc.mask_rate)})
-    return reports
 
 
 def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool):
@@ -373,8 +296,9 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
                      "tokens_per_s": (done - start) * tokens_per_step / train_seconds})
         on_step(done, tc.steps, metrics.records[-1])
         if done % tc.eval_every == 0 or done == tc.steps:
-            reports = validate(ops, config, params, {"train": train_tokens, "val": val_tokens},
-                               tc, final=done == tc.steps)
+            splits = {"train": train_tokens, "val": val_tokens}
+            reports = evaluation.validate(ops, config, params, splits, tc,
+                                          final=done == tc.steps)
             for result in reports:
                 metrics.add({"step": done, **result})
             report = {r["mode"]: r for r in reports if r["split"] == "val"}
