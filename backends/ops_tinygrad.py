@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -104,8 +105,19 @@ class TinygradOps:
         # a 0-d array becomes a CONST uop, no buffer; CONST uops are shared, so a gradient
         # w.r.t. one would collect every equal literal in the graph: go through shape (1,)
         if a.ndim == 0:
-            return Tensor(a.reshape(1), device=self.device).reshape(())
-        return Tensor(a, device=self.device)
+            return self._upload(a.reshape(1), dtype).reshape(())
+        return self._upload(a, dtype)
+
+    def _upload(self, a: np.ndarray, dtype: str):
+        """A realized device tensor holding `a`. Tensor(a) schedules a copy kernel through the
+        whole scheduler (~2 ms, the largest cost of a decode step); an allocated buffer and a
+        host copy into it take 0.2 ms. Falls back where the allocator has no host copy."""
+        if a.size == 0 or not hasattr(Device[self.device].allocator, "_copyin"):
+            return Tensor(a, device=self.device)
+        t = Tensor.empty(*a.shape, dtype=_DTYPES[dtype], device=self.device)
+        buf = t.uop.buffer.allocate()
+        buf.allocator._copyin(buf._buf, memoryview(a).cast("B"))
+        return t
 
     def to_numpy(self, x):
         if not isinstance(x, Tensor):
@@ -298,8 +310,19 @@ class TinygradOps:
     def compile(self, fn):
         # TinyJit: tensor arguments (also inside one level of list/dict), the same shapes on
         # every call, Python control flow frozen at capture; it replays from the third call and
-        # writes its results into the same buffers each time
-        return TinyJit(fn)
+        # writes its results into the same buffers each time. A state fed back as the next
+        # call's input (a KV cache, params and optimizer state) is then one of its own output
+        # buffers, which TinyJit copies before every replay. Two jits taking turns read each
+        # other's outputs instead: no copies (the decode step: -20 % time). The second skips
+        # the eager first call (kernels are built by then) and captures at once.
+        first, second = TinyJit(fn), TinyJit(fn)
+        second.cnt = 1
+        turn = itertools.cycle((first, second))
+
+        def run(*args, **kwargs):
+            return next(turn)(*args, **kwargs)
+
+        return run
 
     def seed(self, seed):
         Tensor.manual_seed(seed)

@@ -19,9 +19,11 @@ MoD blocks at decode time. A token that skips a routed block should cost nothing
 "skip" is data, and a compiled graph has no data-dependent branch. Two ways, both here:
 - "mask": one compiled step runs every routed block on the token and masks it out (no write to
   the cache, the residual unchanged) when the predictor says skip: no host read, no saving.
-- "branch": the step is cut at each MoD block into compiled segments; the predictor's decision
-  is read on the host and picks the segment that runs the block or the one that leaves it out.
-  One host read per MoD block, and a skipped block costs its predictor only.
+- "branch": the step runs as if the token skipped every MoD block, computing each block's
+  decision on the way, and one host read fetches the decisions with the logits. At the first
+  block the token enters, the writes before it are kept and the step reruns from that block's
+  input with the block run (one compiled variant per MoD block). A token costs one call plus
+  one per block it enters; a skipped block costs its predictor only.
 Which is faster depends on the backend's per-call cost: `moe-min bench generate` prints both.
 Prefill is always "mask" (a whole prompt routes some tokens into every block).
 May import: anything but cli.
@@ -122,31 +124,33 @@ def masked_step(ops: Ops, config: LMConfig):
     return step
 
 
-def segments(config: LMConfig) -> list[tuple[int, ...]]:
-    """The blocks of each "branch" segment: up to the first MoD block, then each MoD block with
-    the blocks after it up to the next one. Every segment but the first starts with its MoD
-    block, which runs only if the token enters it."""
-    cuts = [i for i in range(config.layers) if config.block_kind(i) == "mod"]
-    bounds = [0, *cuts, config.layers]
-    return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a or a == 0]
+def mod_blocks(config: LMConfig) -> list[int]:
+    return [i for i in range(config.layers) if config.block_kind(i) == "mod"]
 
 
-def segment_step(ops: Ops, config: LMConfig, blocks: tuple[int, ...], enter: bool, first: bool,
-                 last: bool):
-    """One segment as a function of fixed shapes: x (or tokens, first) -> x and the next MoD
-    block's decision (1, 1, 1) bool, or the logits (last)."""
-    run = blocks if first or enter else blocks[1:]
+def speculative_step(ops: Ops, config: LMConfig, entered: int | None):
+    """A "branch" step: from the tokens (entered None), or from the input x of MoD block
+    `entered`, which the token enters, to the logits, with every later MoD block skipped and
+    its decision computed on the way. Returns (host, xs, cache writes): host = the later
+    blocks' decisions (0/1) then the logits, flat, so that one host read gets both; xs = each
+    later MoD block's input, from which the step reruns if the token enters it."""
+    mods = mod_blocks(config)
+    later = [i for i in mods if entered is None or i > entered]
+    first = 0 if entered is None else entered
 
     def step(params, inputs, start, limit, cache):
         B, n = inputs.shape[:2]
-        new = {}
-        x = lm.embed(ops, params, inputs) if first else inputs
-        x = _blocks(ops, config, params, x, _positions(ops, start, B, n), limit, cache, new, run)
-        if last:
-            return lm.head(ops, config, params, x), new
-        following = blocks[-1] + 1 if blocks else 0
-        decided = causal_decisions(ops, config.mod, lm.layer_params(params, following), x)
-        return x, ops.astype(decided, "int"), new
+        positions, new, decided, xs = _positions(ops, start, B, n), {}, [], {}
+        x = lm.embed(ops, params, inputs) if entered is None else inputs
+        for i in range(first, config.layers):
+            if i in later:  # skipped here; its decision says whether that was right
+                decision = causal_decisions(ops, config.mod, lm.layer_params(params, i), x)
+                decided.append(ops.reshape(ops.astype(decision, "float"), (1,)))
+                xs[f"x{i}"] = x
+                continue
+            x = _blocks(ops, config, params, x, positions, limit, cache, new, [i])
+        logits = ops.reshape(lm.head(ops, config, params, x), (-1,))
+        return ops.concatenate([*decided, logits], axis=0), xs, new
 
     return step
 
@@ -172,12 +176,15 @@ class Decoder:
         new_cache(ops, config, batch)  # refuses a MoD batch early
 
     def _fn(self, key, make):
+        """The compiled function for `key`. It closes over the parameters rather than taking
+        them: they are constant while decoding, and a jit then sees only the few per-token
+        inputs (tinygrad prepares every input of every call: -35 % time per token)."""
         if key not in self._fns:
             body = make()
 
             def counted(*args):
                 self.traces[key] = self.traces.get(key, 0) + 1
-                return body(*args)
+                return body(self.params, *args)
             self._fns[key] = self.ops.compile(counted) if self.compiled else counted
         return self._fns[key]
 
@@ -197,7 +204,7 @@ class Decoder:
         padded[:, :n] = tokens
         fn = self._fn(("prefill", size), lambda: masked_step(self.ops, self.config))
         self.cache = new_cache(self.ops, self.config, self.batch)
-        logits, self.cache = fn(self.params, self.ops.asarray(padded, "int"), self._scalar(0),
+        logits, self.cache = fn(self.ops.asarray(padded, "int"), self._scalar(0),
                                 self._scalar(n), self.cache)
         self.position = n
         return np.asarray(self.ops.to_numpy(logits), np.float64)[:, n - 1]
@@ -213,25 +220,29 @@ class Decoder:
         x = self.ops.asarray(tokens.astype(np.int32), "int")
         if self.skip == "mask" or self.config.mod is None:
             fn = self._fn(("step",), lambda: masked_step(self.ops, self.config))
-            logits, new = fn(self.params, x, start, limit, self.cache)
+            logits, new = fn(x, start, limit, self.cache)
         else:
             logits, new = self._branch(x, start, limit)
         self.cache = {**self.cache, **new}
         self.position += 1
-        return np.asarray(self.ops.to_numpy(logits), np.float64)[:, 0]
+        return np.asarray(self.ops.to_numpy(logits), np.float64).reshape(self.batch, -1)
 
     def _branch(self, x, start, limit):
-        parts, new, enter = segments(self.config), {}, True
-        for j, blocks in enumerate(parts):
-            first, last = j == 0, j == len(parts) - 1
-            fn = self._fn(("segment", j, enter), lambda b=blocks, e=enter, f=first, la=last:
-                          segment_step(self.ops, self.config, b, e, f, la))
-            out = fn(self.params, x, start, limit, {**self.cache, **new})
-            new.update(out[-1])
-            if last:
-                return out[0], new
-            x, enter = out[0], bool(self.ops.to_numpy(out[1]).reshape(-1)[0])
-        raise AssertionError("segments() always ends with a last segment")
+        """Run as if the token skips every MoD block; at the first block it enters instead,
+        keep the cache writes before that block and rerun from there (module docstring)."""
+        committed, entered, mods = {}, None, mod_blocks(self.config)
+        while True:
+            later = [i for i in mods if entered is None or i > entered]
+            fn = self._fn(("branch", entered), lambda e=entered:
+                          speculative_step(self.ops, self.config, e))
+            host, xs, new = fn(x, start, limit, self.cache)
+            host = np.asarray(self.ops.to_numpy(host))
+            enters = [i for i, d in zip(later, host[:len(later)]) if d > 0.5]
+            if not enters:
+                return host[None, None, len(later):], {**committed, **new}
+            entered = enters[0]
+            committed.update({k: v for k, v in new.items() if int(k.split(".")[0]) < entered})
+            x = xs[f"x{entered}"]
 
     def lengths(self) -> dict[int, int]:
         """Rows filled per block (batch row 0): every token for a dense block, the routed

@@ -28,19 +28,21 @@ def test_a_decode_step_is_traced_once_and_then_replayed(autodiff_ops, skip):
     ops = autodiff_ops  # MLX (mx.compile) and tinygrad (TinyJit): both jit
     decoder = decode.Decoder(ops, MOD, _params(MOD), skip=skip)
     tokens = np.random.default_rng(1).integers(0, 256, 20)
-    for prompt in (3, 5):  # two prompts in one bucket (MLX retraces a process's first call)
+    # three prompts in one bucket: MLX retraces a process's first call once, and tinygrad's
+    # two alternating TinyJits (ops_tinygrad.compile) each capture on their own
+    for prompt in (3, 5, 4):
         decoder.prefill(tokens[None, :prompt])
         for t in tokens[prompt:12]:
             decoder.step([[t]])
     before = dict(decoder.traces)
     for t in tokens[12:]:
         decoder.step([[t]])
-    decoder.prefill(tokens[None, :4])
+    decoder.prefill(tokens[None, :2])
     assert decoder.traces == before, (before, decoder.traces)
-    # a jit traces a body at most twice (TinyJit: an eager call, then its capture)
-    assert all(n <= 2 for n in before.values()), before
-    if skip == "branch":  # both a skipped and an entered MoD block happened
-        assert {key[2] for key in before if key[0] == "segment" and key[1] > 0} == {True, False}
+    assert all(n <= 3 for n in before.values()), before  # TinyJit: eager, then two captures
+    if skip == "branch":  # the all-skip step, and reruns from an entered MoD block
+        assert ("branch", None) in before and any(k[0] == "branch" and k[1] in (1, 3)
+                                                   for k in before), before
 
 
 def test_prefill_buckets_are_powers_of_two_up_to_the_context():
