@@ -90,12 +90,18 @@ def rms_norm(ops: Ops, x: Array, gain: Array, eps: float) -> Array:
     return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + eps) * gain
 
 
-def rope(ops: Ops, v: Array, positions: Array, base: float) -> Array:
-    """Rotate-half RoPE at the given (true) positions. v (B, H, N, Dh), positions (B, N)."""
-    B, N, half = positions.shape[0], positions.shape[1], v.shape[-1] // 2
-    inv_freq = ops.asarray(base ** (-np.arange(half, dtype=np.float64) * 2 / v.shape[-1]))
+def rope_angles(ops: Ops, positions: Array, dim: int, base: float) -> tuple[Array, Array]:
+    """cos and sin (B, 1, N, dim/2) of rotate-half RoPE at the given (true) positions (B, N),
+    computed once for the queries and keys of a block."""
+    B, N = positions.shape
+    inv_freq = ops.asarray(base ** (-np.arange(dim // 2, dtype=np.float64) * 2 / dim))
     angle = ops.reshape(ops.astype(positions, "float"), (B, 1, N, 1)) * inv_freq
-    cos, sin = ops.cos(angle), ops.sin(angle)
+    return ops.cos(angle), ops.sin(angle)
+
+
+def rope(ops: Ops, v: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE: v (B, H, N, Dh) rotated by `rope_angles`."""
+    half = v.shape[-1] // 2
     v1, v2 = v[..., :half], v[..., half:]
     return ops.concatenate([v1 * cos - v2 * sin, v1 * sin + v2 * cos], axis=-1)
 
@@ -126,7 +132,8 @@ def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array
 
     normed = rms_norm(ops, h, params["block_norm1"], eps)
     q, k, v = (split(normed @ params[f"block_w{n}"]) for n in "qkv")
-    q, k = rope(ops, q, positions, block["rope_base"]), rope(ops, k, positions, block["rope_base"])
+    cos, sin = rope_angles(ops, positions, D // heads, block["rope_base"])
+    q, k = rope(ops, q, cos, sin), rope(ops, k, cos, sin)
     k, v, k_pos, k_valid = (k, v, positions, valid) if kv is None else kv(k, v, positions, valid)
     a = ops.transpose(attention(ops, q, k, v, positions, k_pos, k_valid), (0, 2, 1, 3))
     a = ops.reshape(a, (B, N, D)) @ params["block_wo"]
