@@ -67,7 +67,10 @@ def variants(ops, config, params: dict | None, name: str, skip: str = "both") ->
     return [*out, Variant(f"{label} dense twin", ops, twin, lm.init_params(twin, 0), "mask")]
 
 
-def report(variants: list[Variant], echo) -> None:
+def report(variants: list[Variant], echo, trained: dict | None = None) -> None:
+    for label, rate in (trained or {}).items():
+        echo(f"  {label:<40} train {rate['tokens_per_s']:9.0f} tok/s (batch 16)"
+             f"  first steps {rate['first']:6.2f} s")
     for v in variants:
         routed = "".join(f" b{i}:{f:.0%}" for i, f in v.routed.items())
         echo(f"  {v.label:<40} prefill {prefill_rate(v):9.0f} tok/s  decode "
@@ -136,6 +139,37 @@ def decode_rate(v: Variant) -> float:
 
 def prefill_rate(v: Variant) -> float:
     return 1.0 / statistics.median(v.prefill)
+
+
+def train_rate(ops, config, steps: int = 4, batch: int = 16, warmup: int = 3) -> dict:
+    """Training tokens/s of the jitted step (models/train.py) on batches of the default corpus:
+    `warmup` steps (trace, compile; timed apart as "first"), then `steps` timed ones."""
+    from moe_min.models import data, optim
+    from moe_min.models import train as t
+
+    tc = t.TrainConfig(batch_size=batch)
+    step_fn = t.make_step(ops, config, tc)
+    params = {k: ops.asarray(v) for k, v in lm.init_params(config, 0).items()}
+    state = optim.init_state(ops, params)
+    tokens = data.split(data.load_corpus(None))[0]
+    times = []
+    for it in range(warmup + steps):
+        window = data.batch_at(tokens, it, batch, config.context, 0)
+        start = time.perf_counter()
+        loss, _, params, state = step_fn(params, state, ops.asarray(window[:, :-1], "int"),
+                                         ops.asarray(window[:, 1:], "int"),
+                                         ops.asarray(np.float32(1e-3)))
+        t.materialize(ops, {"loss": loss}, params, state)
+        times.append(time.perf_counter() - start)
+    return {"first": sum(times[:warmup]),
+            "tokens_per_s": steps * batch * config.context / sum(times[warmup:])}
+
+
+def train_rates(variants: list[Variant], name: str, steps: int) -> dict:
+    """`train_rate` of the routed config on each backend of `variants` (none if steps is 0)."""
+    backends = {v.ops: v.config for v in variants if "dense twin" not in v.label}
+    return {f"{ops.name}-{ops.device} {name}": train_rate(ops, config, steps)
+            for ops, config in backends.items()} if steps else {}
 
 
 def ratios(variants: list[Variant]) -> list[tuple[str, float]]:

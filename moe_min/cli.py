@@ -127,8 +127,10 @@ def bench_matmul(backend, device, size):
 @click.option("--prompt-len", default=64, show_default=True)
 @click.option("--tokens", default=300, show_default=True, help="Decode steps per variant.")
 @click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
+@click.option("--train-steps", default=0, show_default=True,
+              help="Also time this many jitted training steps per backend (batch 16).")
 def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
-                   compare_mlx):
+                   compare_mlx, train_steps):
     """Prefill and decode tokens/s (batch 1) through the compiled static-shape steps, next to
     MLX and the same-shape dense model; first compiles timed apart (models/bench_generate.py)."""
     from moe_min import bench as b
@@ -145,9 +147,9 @@ def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, t
     pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
     click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
                f"per variant; {b.environment()}")
-    variants = [v for pool in pools for v in g.variants(_backend(*pool), config, params, name,
-                                                        skip)]
-    g.report(g.run(variants, prompt_len, tokens), click.echo)
+    variants = [v for p in pools for v in g.variants(_backend(*p), config, params, name, skip)]
+    g.report(g.run(variants, prompt_len, tokens), click.echo,
+             g.train_rates(variants, name, train_steps))
 
 
 # ---- training and sampling (models/train.py, models/generate.py) ---------------------------
