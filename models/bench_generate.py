@@ -69,8 +69,9 @@ def variants(ops, config, params: dict | None, name: str, skip: str = "both") ->
 
 def report(variants: list[Variant], echo, trained: dict | None = None) -> None:
     for label, rate in (trained or {}).items():
-        echo(f"  {label:<40} train {rate['tokens_per_s']:9.0f} tok/s (batch 16)"
-             f"  first steps {rate['first']:6.2f} s")
+        echo(f"  {label:<40} train failed: {rate['error'].splitlines()[0][:120]}"
+             if "error" in rate else f"  {label:<40} train {rate['tokens_per_s']:9.0f} tok/s "
+             f"(batch 16)  first steps {rate['first']:6.2f} s")
     for v in variants:
         routed = "".join(f" b{i}:{f:.0%}" for i, f in v.routed.items())
         echo(f"  {v.label:<40} prefill {prefill_rate(v):9.0f} tok/s  decode "
@@ -167,9 +168,14 @@ def train_rate(ops, config, steps: int = 4, batch: int = 16, warmup: int = 3) ->
 
 def train_rates(variants: list[Variant], name: str, steps: int) -> dict:
     """`train_rate` of the routed config on each backend of `variants` (none if steps is 0)."""
-    backends = {v.ops: v.config for v in variants if "dense twin" not in v.label}
-    return {f"{ops.name}-{ops.device} {name}": train_rate(ops, config, steps)
-            for ops, config in backends.items()} if steps else {}
+    out = {}
+    for ops, config in {v.ops: v.config for v in variants if "dense twin" not in v.label}.items():
+        try:
+            out[f"{ops.name}-{ops.device} {name}"] = train_rate(ops, config, steps) if steps \
+                else None
+        except Exception as e:  # a backend that cannot train this here is a row, not a crash
+            out[f"{ops.name}-{ops.device} {name}"] = {"error": f"{type(e).__name__}: {e}"}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def ratios(variants: list[Variant]) -> list[tuple[str, float]]:

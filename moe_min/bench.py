@@ -13,7 +13,34 @@ import numpy as np
 
 from moe_min.layers import forward, mlp
 from moe_min.routing import route
-from moe_min.spec import ExpertMLP, TokenChoice
+from moe_min.spec import ExpertChoice, ExpertMLP, SoftMoE, TokenChoice
+
+SCHEMES = ("token_choice", "expert_choice", "soft_moe")
+
+
+def layer_spec(scheme: str, experts: int, top_k: int, capacity="1.0", tokens: int = 4096):
+    """The routed layer a bench times, at the active compute of top-K: token choice at a
+    capacity factor (C = T·K·factor/E) or dropless (Mixtral: renormalised), expert choice at
+    capacity factor K (each expert T·K/E tokens), Soft MoE with T·K/E slots per expert."""
+    if capacity != "dropless":
+        try:
+            factor = float(capacity)
+        except ValueError:
+            factor = -1.0
+        if not factor > 0:
+            raise ValueError(f"capacity {capacity!r}: expected a positive factor or 'dropless'")
+    if scheme == "token_choice":
+        if capacity == "dropless":
+            return TokenChoice(num_experts=experts, top_k=top_k, capacity="dropless",
+                               renormalize=True, load_balance_counting="all_k")
+        return TokenChoice(num_experts=experts, top_k=top_k, capacity_factor=factor,
+                           capacity_multiple_of=1)
+    if scheme == "expert_choice":
+        return ExpertChoice(num_experts=experts, capacity_factor=float(top_k), causal="router",
+                            predictor=None, router_bce_coef=0.01)
+    if scheme == "soft_moe":
+        return SoftMoE(num_experts=experts, slots_per_expert=max(1, tokens * top_k // experts))
+    raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
 
 
 @dataclass
@@ -49,13 +76,13 @@ def _block(ops, *arrays):
 
 
 def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
-                glu=False, seed=0) -> tuple[dict, list[Timing]]:
+                glu=False, seed=0, scheme="token_choice", capacity="1.0"
+                ) -> tuple[dict, list[Timing]]:
     """Callables for a token-choice MoE layer, its routing alone, and a dense MLP of equal
     active FLOPs (`act(x @ W1[D, K·H]) @ W2[K·H, D]`, gated with W3 if glu), forward and
     forward+backward, on one backend; plus a Timing for each case the backend cannot run."""
     rng = np.random.default_rng(seed)
-    spec = TokenChoice(num_experts=experts, top_k=top_k, capacity_factor=1.0,
-                       capacity_multiple_of=1)  # C = T·K/E: the buffers hold T·K rows, as dense
+    spec = layer_spec(scheme, experts, top_k, capacity, tokens)
     expert = ExpertMLP(hidden=hidden, activation="silu" if glu else activation, glu=glu)
     x = ops.asarray(rng.standard_normal((1, tokens, dim)).astype(np.float32))
     moe = {"router_w": rng.standard_normal((dim, experts)) * dim ** -0.5,
@@ -63,6 +90,9 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
            "expert_w2": rng.standard_normal((experts, hidden, dim)) * hidden ** -0.5}
     dense = {"w1": rng.standard_normal((dim, top_k * hidden)) * dim ** -0.5,
              "w2": rng.standard_normal((top_k * hidden, dim)) * hidden ** -0.5}
+    if scheme == "soft_moe":
+        moe["slot_mu"] = rng.standard_normal((dim, experts, spec.slots_for(tokens)))
+        moe["slot_scale"] = np.array(1.0)
     if glu:
         moe["expert_w3"] = rng.standard_normal((experts, dim, hidden)) * dim ** -0.5
         dense["w3"] = rng.standard_normal((dim, top_k * hidden)) * dim ** -0.5
@@ -77,7 +107,8 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
 
     def plan_only():
         plan = route(spec, x, moe, ops, mode="train", validate=False)
-        _block(ops, plan.choice_slot, plan.choice_weight)
+        _block(ops, *(a for a in (plan.slot_token, plan.slot_weight, plan.choice_weight,
+                                   plan.combine) if a is not None))
 
     cases, missing = {"routing (plan only)": plan_only}, []
     for name, loss, params in (("MoE layer", moe_loss, moe), ("dense MLP", dense_loss, dense)):
@@ -93,10 +124,12 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
 
 
 def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
-          glu=False, repeat=5, seed=0, with_mlx_lm=True) -> list[Timing]:
+          glu=False, repeat=5, seed=0, with_mlx_lm=True, scheme="token_choice",
+          capacity="1.0") -> list[Timing]:
     """Time `layer_cases` (and mlx-lm's layer on MLX) side by side, round-robin."""
-    cases, missing = layer_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)
-    if with_mlx_lm:
+    cases, missing = layer_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed,
+                                 scheme, capacity)
+    if with_mlx_lm and scheme == "token_choice":
         found, why = mlx_lm_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)
         cases.update(found)
         missing += why

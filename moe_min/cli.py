@@ -66,92 +66,6 @@ def info():
             click.echo(f"{'':<10} {key}: {value}")
 
 
-@main.group()
-def bench():
-    """Speed, as ratios measured side by side in one run."""
-
-
-def _print_timings(timings):
-    for t in timings:
-        shown = "n/a" if t.seconds is None else f"{t.seconds * 1e3:9.1f} ms"
-        click.echo(f"  {t.name:<28} {shown:>12}  {t.note}")
-
-
-@bench.command("layer")
-@click.option("--backend", default="numpy", show_default=True)
-@click.option("--device", default=None)
-@click.option("--tokens", default=4096, show_default=True)
-@click.option("--dim", default=512, show_default=True)
-@click.option("--hidden", default=1024, show_default=True)
-@click.option("--experts", default=8, show_default=True)
-@click.option("--top-k", default=2, show_default=True)
-@click.option("--activation", default="relu", show_default=True,
-              type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]))
-@click.option("--glu", is_flag=True, help="SwiGLU experts (vs mlx-lm's SwitchGLU).")
-@click.option("--repeat", default=5, show_default=True)
-def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, glu, repeat):
-    """A token-choice MoE layer vs a dense MLP of equal active FLOPs, routing alone, and
-    mlx-lm's SwitchMLP/SwitchGLU (MLX, with the bench extra), timed round-robin."""
-    from moe_min import bench as b
-
-    ops = _backend(backend, device)
-    act = "silu, gated" if glu else activation
-    click.echo(f"{backend} on {ops.device}: T={tokens} D={dim} H={hidden} E={experts} "
-               f"K={top_k} {act}; {b.environment()}")
-    timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, glu, repeat)
-    _print_timings(timings)
-    for label, value in b.ratios(timings):
-        click.echo(f"  {label:<32} {value:6.2f}x")
-
-
-@bench.command("matmul")
-@click.option("--backend", default="numpy", show_default=True)
-@click.option("--device", default=None)
-@click.option("--size", default=1024, show_default=True)
-def bench_matmul(backend, device, size):
-    """float32 matmul throughput of a backend next to NumPy's."""
-    from moe_min import bench as b
-
-    click.echo(b.environment())
-    _print_timings(b.matmul_gflops(_backend(backend, device), size))
-
-
-@bench.command("generate")
-@click.option("--config", "config_name", default="tiny-mod", show_default=True,
-              help="A preset (moe-min train --help lists them), with fresh parameters.")
-@click.option("--checkpoint", default=None, help="Time a trained checkpoint instead.")
-@click.option("--backend", default="mlx", show_default=True)
-@click.option("--device", default=None)
-@click.option("--skip", type=click.Choice(["both", "mask", "branch"]), default="both",
-              show_default=True, help="MoD blocks at decode time (models/decode.py).")
-@click.option("--prompt-len", default=64, show_default=True)
-@click.option("--tokens", default=300, show_default=True, help="Decode steps per variant.")
-@click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
-@click.option("--train-steps", default=0, show_default=True,
-              help="Also time this many jitted training steps per backend (batch 16).")
-def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
-                   compare_mlx, train_steps):
-    """Prefill and decode tokens/s (batch 1) through the compiled static-shape steps, next to
-    MLX and the same-shape dense model; first compiles timed apart (models/bench_generate.py)."""
-    from moe_min import bench as b
-    from moe_min.models import bench_generate as g
-    from moe_min.models import train as t
-
-    if checkpoint:
-        ckpt = _run_library(t.load_checkpoint, checkpoint, optimizer=False)
-        config, params, name = ckpt.config, ckpt.params, checkpoint
-    else:
-        config, params, name = _run_library(t.model_config, config_name), None, config_name
-    if t.is_encoder(config):
-        raise click.ClickException(f"{name}: an encoder does not generate")
-    pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
-    click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
-               f"per variant; {b.environment()}")
-    variants = [v for p in pools for v in g.variants(_backend(*p), config, params, name, skip)]
-    g.report(g.run(variants, prompt_len, tokens), click.echo,
-             g.train_rates(variants, name, train_steps))
-
-
 # ---- training and sampling (models/train.py, models/generate.py) ---------------------------
 
 def _run_library(fn, *args, **kwargs):
@@ -256,3 +170,8 @@ def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, ba
     routed = "".join(f"; block {i} routed {f:.0%}" for i, f in stats.get(
         "routed_fraction", {}).items())
     click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s{routed}]", err=True)
+
+
+from moe_min.cli_bench import bench  # noqa: E402  (its commands use the helpers above)
+
+main.add_command(bench)

@@ -31,3 +31,17 @@ def test_bench_cli_prints_environment_and_ratios():
     assert "OPENBLAS_CORETYPE" in result.output and "MoE/dense throughput, fwd" in result.output
     result = CliRunner().invoke(main, ["bench", "matmul", "--size", "64"])
     assert result.exit_code == 0 and "GFLOP/s" in result.output
+
+
+def test_every_scheme_and_dropless_has_a_ratio_to_its_dense_equivalent(ops):
+    for scheme, capacity in (("token_choice", "dropless"), ("token_choice", "1.25"),
+                             ("expert_choice", "1.0"), ("soft_moe", "1.0")):
+        timings = bench.layer(ops, tokens=32, dim=8, hidden=16, experts=4, top_k=2, repeat=1,
+                              scheme=scheme, capacity=capacity)
+        labels = [label for label, _ in bench.ratios(timings)]
+        assert "MoE/dense throughput, fwd" in labels, (scheme, capacity, timings)
+
+
+def test_bench_layer_refuses_a_bad_capacity_in_one_line():
+    result = CliRunner().invoke(main, ["bench", "layer", "--capacity", "fast"])
+    assert result.exit_code == 1 and "capacity 'fast'" in result.output, result.output
