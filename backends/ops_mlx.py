@@ -179,6 +179,25 @@ class MlxOps:
         idx = mx.stop_gradient(idx if idx.dtype == mx.int32 else idx.astype(mx.int32))
         return mx.take(x, idx, axis=axis)
 
+    # optional fused ops (moe_min/grouped.py): the lowering uses them when present
+    def expert_rows(self, x, w, expert):
+        """x (N, D) sorted by expert, w (E, D, H) -> x[n] @ w[expert[n]] (N, H). On the CPU:
+        one BLAS matmul per expert over its run of rows, the sizes read on the host (4x the
+        speed of gather_mm there, which bypasses the BLAS: reference backends.md §1); on a
+        GPU, or inside mx.compile where nothing can be read, gather_mm over sorted rows."""
+        expert = mx.stop_gradient(expert.astype(mx.int32))
+        if self.device == "cpu":
+            try:
+                counts = np.bincount(np.array(expert), minlength=w.shape[0])
+            except ValueError:  # traced by mx.compile: no host read
+                counts = None
+            if counts is not None:
+                ends = np.cumsum(counts)
+                parts = [x[end - n:end] @ w[e] for e, (n, end) in enumerate(zip(counts, ends))
+                         if n]
+                return mx.concatenate(parts, axis=0) if parts else mx.zeros((0, w.shape[-1]))
+        return mx.gather_mm(x[:, None, :], w, rhs_indices=expert, sorted_indices=True)[:, 0]
+
     def take_along_axis(self, x, idx, axis):
         # gather VJP w.r.t. indices: MLX raises unless the index array is cut from the graph
         idx = mx.stop_gradient(idx if idx.dtype == mx.int32 else idx.astype(mx.int32))

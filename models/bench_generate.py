@@ -24,7 +24,7 @@ class Variant:
     params: dict
     skip: str
     decoder: decode.Decoder | None = None
-    first: float = 0.0  # seconds of the first prefill and the first two steps (compiles)
+    first: float = 0.0  # seconds of the first prefills and the warm-up of every step variant
     prefill: list = field(default_factory=list)  # seconds per prefill after the first
     steps: list = field(default_factory=list)  # seconds per decode step after the first two
     token: int = 0
@@ -113,9 +113,9 @@ def run(variants: list[Variant], prompt_len: int = 64, tokens: int = 300, rounds
         v.decoder = decode.Decoder(v.ops, v.config, v.params, skip=v.skip)
         start = time.perf_counter()
         logits = v.decoder.prefill(prompt)
-        for _ in range(2):  # tinygrad's TinyJit runs eagerly, captures, then replays
-            v.token = int(np.argmax(logits[0]))
-            logits = v.decoder.step(np.array([[v.token]], np.int32))
+        for _ in range(2):  # the prefill bucket's traces (TinyJit: eager, two captures)
+            v.decoder.prefill(prompt)
+        v.decoder.warm_up()  # every step variant, entered MoD blocks included
         v.token = int(np.argmax(logits[0]))
         v.first = time.perf_counter() - start
     per_round = max(1, tokens // rounds)

@@ -244,6 +244,26 @@ class Decoder:
             committed.update({k: v for k, v in new.items() if int(k.split(".")[0]) < entered})
             x = xs[f"x{entered}"]
 
+    def warm_up(self, calls: int = 3) -> None:
+        """Trace and compile every step variant now (after a prefill), not when a token first
+        enters a rarely entered MoD block: `calls` throwaway calls each (TinyJit: an eager
+        call, then a capture per alternating jit). The cache is left as it was."""
+        if self.cache is None:
+            raise ValueError("warm_up before prefill: prefill a prompt first")
+        start, limit = self._scalar(self.position), self._scalar(self.position + 1)
+        token = self.ops.asarray(np.zeros((self.batch, 1), np.int32), "int")
+        if self.skip == "mask" or self.config.mod is None:
+            variants = [(("step",), lambda: masked_step(self.ops, self.config), token)]
+        else:
+            x = self.ops.asarray(np.zeros((self.batch, 1, self.config.dim), np.float32))
+            variants = [(("branch", e), lambda e=e: speculative_step(self.ops, self.config, e),
+                         token if e is None else x) for e in [None, *mod_blocks(self.config)]]
+        for key, make, inputs in variants:
+            fn = self._fn(key, make)
+            for _ in range(calls):
+                out = fn(inputs, start, limit, self.cache)
+                self.ops.to_numpy(out[0])
+
     def lengths(self) -> dict[int, int]:
         """Rows filled per block (batch row 0): every token for a dense block, the routed
         ones for a MoD block."""

@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from moe_min import grouped
 from moe_min.layers import apply_mod, apply_slots, block_branch, experts, rms_norm
 from moe_min.models.configs import LMConfig
 from moe_min.ops import Array, Ops
@@ -152,8 +153,10 @@ def _moe(ops: Ops, config: LMConfig, params: dict, u: Array, mode: str, noise: b
     plan = route(spec, u, params, ops, mode=route_mode, noise=_noise(ops, spec, u.shape, mode,
                                                                      noise), validate=False)
     G, S = plan.groups
-    y = apply_slots(ops, lambda h: experts(ops, config.expert, params, h),
-                    ops.reshape(u, (G, S, D)), plan)
+    ug = ops.reshape(u, (G, S, D))
+    y = grouped.apply_grouped(ops, config.expert, params, ug, plan) if grouped.applies(
+        ops, plan, S) else apply_slots(ops, lambda h: experts(ops, config.expert, params, h),
+                                       ug, plan)
     return ops.reshape(y, (B, T, D)), _stats(ops, plan, B * T)
 
 

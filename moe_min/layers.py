@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from moe_min import grouped
 from moe_min.ops import Array, Ops
 from moe_min.routing import Plan, activation, route
 from moe_min.spec import ExpertMLP, MixtureOfDepths, SoftMoE
@@ -188,6 +189,8 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
         if isinstance(spec, SoftMoE):
             y = apply_soft(ops, expert_fn, xg, plan.dispatch, plan.combine, spec.num_experts,
                            spec.round_bf16)
+        elif grouped.applies(ops, plan, S):
+            y = grouped.apply_grouped(ops, expert, params, xg, plan)
         else:
             y = apply_slots(ops, expert_fn, xg, plan)
     out = {"y": ops.reshape(y, (T, D) if squeeze else (B, T, D))}

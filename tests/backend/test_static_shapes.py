@@ -103,3 +103,15 @@ def test_bench_generate_prints_rates_first_calls_and_ratios():
     for text in ("tiny-mod (mask)", "tiny-mod (branch)", "dense twin", "first calls",
                  "decode, routed", "routed b1:"):
         assert text in result.output, (text, result.output)
+
+
+def test_after_warm_up_no_step_is_traced_again(autodiff_ops):
+    decoder = decode.Decoder(autodiff_ops, MOD, _params(MOD), skip="branch")
+    tokens = np.random.default_rng(3).integers(0, 256, 24)
+    decoder.prefill(tokens[None, :4])
+    decoder.warm_up()
+    steps = {k: n for k, n in decoder.traces.items() if k[0] == "branch"}
+    assert len(steps) == 1 + len(decode.mod_blocks(MOD)), steps  # all-skip + one per MoD block
+    for t in tokens[4:]:
+        decoder.step([[t]])
+    assert {k: n for k, n in decoder.traces.items() if k[0] == "branch"} == steps

@@ -1,0 +1,53 @@
+"""Dropless token choice (Mixtral, capacity="dropless") at work proportional to T·K.
+
+Lowered like every other capacity, dropless buffers hold S rows per expert: E/K times the
+work. A backend with the optional fused op `expert_rows(x, w, expert)` (x (N, D) rows sorted
+by expert, w (E, D, H), expert (N,) ascending -> row n times w[expert[n]]: a grouped matmul)
+runs the experts on exactly the T·K chosen rows instead: the choices are sorted by expert
+(stable, so a token's order within an expert is the plan's), gathered, run through the
+grouped expert MLP, and each token sums its K outputs with the plan's weights. The plan is
+the same; only how it is applied differs, so the conformance rows of the dropless cases hold
+this path to the oracle on every backend that has the op. Without it, layers.apply_slots.
+May import: moe_min.spec, moe_min.ops, moe_min.routing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_min.ops import Array, Ops
+from moe_min.routing import Plan, activation
+from moe_min.spec import ExpertMLP
+
+
+def applies(ops: Ops, plan: Plan, group_tokens: int) -> bool:
+    """A token-choice plan in which nothing can drop (C >= S), on a backend with the op."""
+    return (plan.choice_slot is not None and plan.slot_token.shape[2] >= group_tokens
+            and callable(getattr(ops, "expert_rows", None)))
+
+
+def expert_mlp(ops: Ops, spec: ExpertMLP, params: dict, rows: Array, expert: Array) -> Array:
+    """layers.mlp on rows sorted by expert, each through its own expert's weights."""
+    a = ops.expert_rows(rows, params["expert_w1"], expert)
+    if spec.glu:
+        a = activation(ops, "silu", a) * ops.expert_rows(rows, params["expert_w3"], expert)
+    else:
+        a = activation(ops, spec.activation, a)
+    return ops.expert_rows(a, params["expert_w2"], expert)
+
+
+def apply_grouped(ops: Ops, spec: ExpertMLP, params: dict, x: Array, plan: Plan) -> Array:
+    """y[g, s] = Σ_k choice_weight[g, s, k] · expert_{e(g,s,k)}(x[g, s]); x (G, S, D)."""
+    G, S, D = x.shape
+    K, C, E = plan.choice_slot.shape[-1], plan.slot_token.shape[2], plan.slot_token.shape[1]
+    N = G * S * K
+    slot = ops.reshape(plan.choice_slot, (N, 1))  # flat slot e·C + c: e = #{e' : slot >= (e'+1)·C}
+    bounds = ops.reshape(ops.asarray((np.arange(E) + 1) * C, "int"), (1, E))
+    expert = ops.sum(ops.astype(slot >= bounds, "int"), axis=1)  # (N,) in (g, s, k) order
+    order = ops.stop_gradient(ops.argsort(expert))  # stable: by expert, then (g, s, k)
+    token = ops.take(ops.asarray(np.repeat(np.arange(G * S), K), "int"), order, axis=0)
+    rows = ops.take(ops.reshape(x, (G * S, D)), token, axis=0)
+    out = expert_mlp(ops, spec, params, rows, ops.take(expert, order, axis=0))
+    back = ops.scatter_add(ops.zeros((N,), "int"), order, ops.arange(N), axis=0)  # inverse
+    picked = ops.reshape(ops.take(out, back, axis=0), (G, S, K, D))
+    return ops.sum(picked * ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
