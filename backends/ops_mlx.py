@@ -191,10 +191,11 @@ class MlxOps:
                 counts = np.bincount(np.array(expert), minlength=w.shape[0])
             except ValueError:  # traced by mx.compile: no host read
                 counts = None
-            if counts is not None:
-                ends = np.cumsum(counts)
-                parts = [x[end - n:end] @ w[e] for e, (n, end) in enumerate(zip(counts, ends))
-                         if n]
+            if counts is not None:  # split, not slices: their VJP concatenates, where a
+                # slice's pads a zero array of the whole (E, D, H) per expert (3x the backward)
+                rows = mx.split(x, np.cumsum(counts)[:-1].tolist(), axis=0)
+                weights = mx.split(w, w.shape[0], axis=0)
+                parts = [r @ we[0] for r, we, n in zip(rows, weights, counts) if n]
                 return mx.concatenate(parts, axis=0) if parts else mx.zeros((0, w.shape[-1]))
         return mx.gather_mm(x[:, None, :], w, rhs_indices=expert, sorted_indices=True)[:, 0]
 
