@@ -180,24 +180,34 @@ class MlxOps:
         return mx.take(x, idx, axis=axis)
 
     # optional fused ops (moe_min/grouped.py): the lowering uses them when present
-    def expert_rows(self, x, w, expert):
-        """x (N, D) sorted by expert, w (E, D, H) -> x[n] @ w[expert[n]] (N, H). On the CPU:
-        one BLAS matmul per expert over its run of rows, the sizes read on the host (4x the
-        speed of gather_mm there, which bypasses the BLAS: reference backends.md §1); on a
-        GPU, or inside mx.compile where nothing can be read, gather_mm over sorted rows."""
+    def grouped_mlp(self, x, expert, w1, w2, w3, act):
+        """Each row of x (N, D), sorted by expert, through its expert's MLP: act(x @ w1[e])
+        (times x @ w3[e] if w3) @ w2[e]. On the CPU: the run of rows of each expert through
+        BLAS matmuls, the run lengths read on the host (gather_mm bypasses the BLAS there:
+        reference backends.md §1), rows and weights cut by split, whose VJP concatenates (a
+        slice's pads a zero array of the whole weight per expert). On a GPU, or inside
+        mx.compile where nothing can be read, gather_mm over the sorted rows."""
         expert = mx.stop_gradient(expert.astype(mx.int32))
+        counts = None
         if self.device == "cpu":
             try:
-                counts = np.bincount(np.array(expert), minlength=w.shape[0])
-            except ValueError:  # traced by mx.compile: no host read
+                counts = np.bincount(np.array(expert), minlength=w1.shape[0])
+            except ValueError:  # traced by mx.compile
                 counts = None
-            if counts is not None:  # split, not slices: their VJP concatenates, where a
-                # slice's pads a zero array of the whole (E, D, H) per expert (3x the backward)
-                rows = mx.split(x, np.cumsum(counts)[:-1].tolist(), axis=0)
-                weights = mx.split(w, w.shape[0], axis=0)
-                parts = [r @ we[0] for r, we, n in zip(rows, weights, counts) if n]
-                return mx.concatenate(parts, axis=0) if parts else mx.zeros((0, w.shape[-1]))
-        return mx.gather_mm(x[:, None, :], w, rhs_indices=expert, sorted_indices=True)[:, 0]
+        if counts is None:
+            def mm(a, w):
+                return mx.gather_mm(a[:, None, :], w, rhs_indices=expert,
+                                    sorted_indices=True)[:, 0]
+            h = act(mm(x, w1)) * (mm(x, w3) if w3 is not None else 1.0)
+            return mm(h, w2)
+        rows = mx.split(x, np.cumsum(counts)[:-1].tolist(), axis=0)
+        experts = zip(*(mx.split(w, w.shape[0], axis=0) for w in (w1, w2, w3) if w is not None))
+        parts = []
+        for r, n, ws in zip(rows, counts, experts):
+            if n:
+                h = act(r @ ws[0][0]) * (r @ ws[2][0] if w3 is not None else 1.0)
+                parts.append(h @ ws[1][0])
+        return mx.concatenate(parts, axis=0)
 
     def take_along_axis(self, x, idx, axis):
         # gather VJP w.r.t. indices: MLX raises unless the index array is cut from the graph

@@ -1,9 +1,10 @@
 """Dropless token choice (Mixtral, capacity="dropless") at work proportional to T·K.
 
 Lowered like every other capacity, dropless buffers hold S rows per expert: E/K times the
-work. A backend with the optional fused op `expert_rows(x, w, expert)` (x (N, D) rows sorted
-by expert, w (E, D, H), expert (N,) ascending -> row n times w[expert[n]]: a grouped matmul)
-runs the experts on exactly the T·K chosen rows instead: the choices are sorted by expert
+work. A backend with the optional fused op `grouped_mlp(x, expert, w1, w2, w3, act)` (x (N, D)
+rows sorted by expert, expert (N,) ascending -> each row through its expert's MLP,
+act(x @ w1[e]) [* x @ w3[e]] @ w2[e]: grouped matmuls) runs the experts on exactly the T·K
+chosen rows instead: the choices are sorted by expert
 (stable, so a token's order within an expert is the plan's), gathered, run through the
 grouped expert MLP, and each token sums its K outputs with the plan's weights. The plan is
 the same; only how it is applied differs, so the conformance rows of the dropless cases hold
@@ -23,17 +24,14 @@ from moe_min.spec import ExpertMLP
 def applies(ops: Ops, plan: Plan, group_tokens: int) -> bool:
     """A token-choice plan in which nothing can drop (C >= S), on a backend with the op."""
     return (plan.choice_slot is not None and plan.slot_token.shape[2] >= group_tokens
-            and callable(getattr(ops, "expert_rows", None)))
+            and callable(getattr(ops, "grouped_mlp", None)))
 
 
 def expert_mlp(ops: Ops, spec: ExpertMLP, params: dict, rows: Array, expert: Array) -> Array:
     """layers.mlp on rows sorted by expert, each through its own expert's weights."""
-    a = ops.expert_rows(rows, params["expert_w1"], expert)
-    if spec.glu:
-        a = activation(ops, "silu", a) * ops.expert_rows(rows, params["expert_w3"], expert)
-    else:
-        a = activation(ops, spec.activation, a)
-    return ops.expert_rows(a, params["expert_w2"], expert)
+    name = "silu" if spec.glu else spec.activation
+    return ops.grouped_mlp(rows, expert, params["expert_w1"], params["expert_w2"],
+                           params.get("expert_w3"), lambda a: activation(ops, name, a))
 
 
 def apply_grouped(ops: Ops, spec: ExpertMLP, params: dict, x: Array, plan: Plan) -> Array:
