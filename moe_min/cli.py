@@ -6,14 +6,10 @@ import sys
 
 import click
 
-from moe_min.ops import backend_entry_points, get_backend
-
-
-def _backend(name: str, device: str | None):
-    try:
-        return get_backend(name, device)
-    except (ValueError, ImportError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from None
+from moe_min.cli_bench import bench
+from moe_min.cli_util import backend as _backend
+from moe_min.cli_util import run_library as _run_library
+from moe_min.ops import backend_entry_points, fast_ops, get_backend
 
 
 @click.group()
@@ -61,25 +57,13 @@ def info():
             continue
         caps = ops.caps
         click.echo(f"{name:<10} devices={','.join(caps.devices)} autodiff={caps.autodiff} "
-                   f"jit={caps.jit} float64={caps.float64}")
+                   f"jit={caps.jit} float64={caps.float64} "
+                   f"fast ops={','.join(fast_ops(ops)) or 'none'}")
         for key, value in (ops.info() if hasattr(ops, "info") else {}).items():
             click.echo(f"{'':<10} {key}: {value}")
 
 
 # ---- training and sampling (models/train.py, models/generate.py) ---------------------------
-
-def _run_library(fn, *args, **kwargs):
-    """Call into the library; a bad input (config, --set, data, checkpoint, prompt) becomes
-    one line and exit status 1, never a traceback."""
-    from moe_min.models.data import DataError
-    from moe_min.spec import SpecError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, DataError, SpecError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) \
-            from None
-
 
 class _Progress:
     """A click progress bar (click is a dependency already) with loss, tokens/s and ETA."""
@@ -170,8 +154,5 @@ def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, ba
     routed = "".join(f"; block {i} routed {f:.0%}" for i, f in stats.get(
         "routed_fraction", {}).items())
     click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s{routed}]", err=True)
-
-
-from moe_min.cli_bench import bench  # noqa: E402  (its commands use the helpers above)
 
 main.add_command(bench)

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import click
 
-
-def _backend(name, device):
-    from moe_min.cli import _backend as open_backend
-
-    return open_backend(name, device)
-
-
-def _run_library(fn, *args, **kwargs):
-    from moe_min.cli import _run_library as run
-
-    return run(fn, *args, **kwargs)
+from moe_min.cli_util import backend as _backend
+from moe_min.cli_util import run_library as _run_library
 
 
 @click.group()

@@ -112,6 +112,18 @@ class Ops(Protocol):
     def load(self, path: str) -> dict: ...
 
 
+# Optional fused ops: a backend may provide them; the lowering uses one when present and its
+# composite otherwise, and the conformance rows of the cases that reach it hold it to the oracle.
+# grouped_mlp(x (N, D) sorted by expert, expert (N,), w1, w2, w3 | None, act) -> (N, D):
+#   each row through its expert's MLP (moe_min/grouped.py: dropless token choice at T·K work).
+FAST_OPS = ("grouped_mlp",)
+
+
+def fast_ops(ops) -> list[str]:
+    """The optional fused ops a backend provides (`moe-min info`)."""
+    return [name for name in FAST_OPS if callable(getattr(ops, name, None))]
+
+
 CONTRACT = tuple(
     name for name in vars(Ops) if not name.startswith("_") and callable(getattr(Ops, name))
 )

@@ -28,10 +28,11 @@ ALLOWED = {
     "oracle": "spec",  # and only math and numpy, see OUTSIDE
     "ops": f"spec {LEAVES}",
     "routing": f"spec ops {LEAVES}",
-    "layers": f"spec ops routing {LEAVES}",
-    "moe_min": f"spec ops routing layers {LEAVES}",
-    "conformance.*": f"moe_min spec ops routing layers oracle conformance.* {LEAVES}",
-    "backends.*": f"moe_min spec ops routing layers backends.* {LEAVES}",
+    "grouped": f"spec ops routing {LEAVES}",  # dropless through a fused op (layers uses it)
+    "layers": f"spec ops routing grouped {LEAVES}",
+    "moe_min": f"spec ops routing grouped layers {LEAVES}",
+    "conformance.*": f"moe_min spec ops routing grouped layers oracle conformance.* {LEAVES}",
+    "backends.*": f"moe_min spec ops routing grouped layers backends.* {LEAVES}",
     "models.*": None,
     "cli": None,  # and nothing imports cli: only the console-script entry point calls it
 }
