@@ -37,19 +37,20 @@ def dense_twin(config):
 
 
 def calibrated_params(ops, config, seed: int = 0) -> dict:
-    """Fresh parameters whose MoD predictors route about `capacity` of the tokens: at init
-    the predictor's bias sits at the base rate's logit, below the threshold, so it would
-    route nothing and time a model that skips every block. Each bias is shifted so that the
-    predictor logits of a random batch (eval mode) cross the threshold at the capacity."""
+    """Fresh parameters whose MoD predictors route about `capacity` of the tokens, as a
+    trained model's do: at init the predictor's bias sits at the base rate's logit, below the
+    threshold, so it would route nothing and time a model that skips every block. Block by
+    block, in causal mode (a block's input depends on the earlier blocks' decisions), each
+    bias is shifted so that the logits of a random batch cross the threshold at the capacity.
+    Variant.routed reports what was realised."""
     params = lm.init_params(config, seed)
     if config.mod is None or config.mod.predictor is None:
         return params
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, config.vocab, (4, config.context))
-    _, info = lm.forward(ops, config, params, tokens, mode="eval", noise=False)
-    for i, stats in info["blocks"].items():
-        logits = np.asarray(ops.to_numpy(stats["predictor_logits"]), np.float64).ravel()
-        cut = np.quantile(logits, 1.0 - config.mod.capacity)
+    tokens = np.random.default_rng(seed).integers(0, config.vocab, (4, config.context))
+    for i in decode.mod_blocks(config):
+        _, info = lm.forward(ops, config, params, tokens, mode="causal", noise=False)
+        logits = np.asarray(ops.to_numpy(info["blocks"][i]["predictor_logits"]), np.float64)
+        cut = np.quantile(logits.ravel(), 1.0 - config.mod.capacity)
         name = f"blocks.{i}.predictor_b2"
         params[name] = (params[name] + (config.mod.predictor.threshold - cut)).astype(np.float32)
     return params
