@@ -96,15 +96,22 @@ class EncoderConfig(_Model):
 
 
 _SMALL = dict(dim=384, layers=6, heads=6, context=256, mlp=ExpertMLP(1536), expert=ExpertMLP(768))
+_MIXTRAL = TokenChoice(num_experts=8, top_k=2, capacity="dropless", renormalize=True,
+                       load_balance_counting="all_k")
 _SCHEMES = {
     "dense": {},
     "moe": dict(moe=TokenChoice(num_experts=8, top_k=2)),
+    # Mixtral: top-2 of 8, dropless, renormalised, SwiGLU experts (hidden 2/3 of 256: the same
+    # FLOPs as the ReLU experts with three matrices)
+    "mixtral": dict(moe=_MIXTRAL, expert=ExpertMLP(hidden=176, activation="silu", glu=True)),
     "ec": dict(moe=ExpertChoice(num_experts=8, capacity_factor=2.0)),  # with its Predictor
     "mod": dict(layers=8, mod=MixtureOfDepths(capacity=0.125, every=2, first_routed=1)),
 }
 PRESETS = {
     **{f"tiny-{name}": LMConfig(**kw) for name, kw in _SCHEMES.items()},
     **{f"small-{name}": LMConfig(**{**_SMALL, **kw}) for name, kw in _SCHEMES.items()},
+    "small-mixtral": LMConfig(**{**_SMALL, "moe": _MIXTRAL, "expert": ExpertMLP(  # 2/3 of 768
+        hidden=512, activation="silu", glu=True)}),
     "tiny-soft-encoder": EncoderConfig(),
     "small-soft-encoder": EncoderConfig(**_SMALL, moe=SoftMoE(num_experts=8, slots_per_expert=32)),
 }
