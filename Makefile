@@ -34,7 +34,8 @@ clean:
 # above), trains a Mixture-of-Depths byte model for ~3 minutes on 2 CPU cores with a progress
 # bar and evaluations in training and causal mode, then samples from its checkpoint (~5 min).
 # On Linux with an NVIDIA GPU (nvidia-smi lists one) the demo installs MLX's CUDA build.
-DEMO_EXTRAS ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,mlx),plot
+# Without a system OpenBLAS (Linux x86-64) it adds the `blas` extra: the mkl wheel, no root.
+DEMO_EXTRAS ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,mlx),plot$(shell $(PYTHON) scripts/check_system.py --blas-extra)
 DEMO_OUT ?= runs/demo
 DEMO_TRAIN ?= --config tiny-mod --steps 650 --batch-size 16 --lr 6e-3 --eval-every 130
 demo:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.util
 import mmap
 import os
@@ -23,7 +24,8 @@ import sysconfig
 import warnings
 
 ENV = "MOE_MIN_BLAS"
-INSTALL_HINT = ("install an optimised BLAS (Debian/Ubuntu: `apt-get install libopenblas0-pthread`)"
+INSTALL_HINT = ("install an optimised BLAS (Debian/Ubuntu: `apt-get install libopenblas0-pthread`;"
+                " without root: `pip install 'moe-min[blas]'`, the mkl wheel)"
                 f" or point {ENV}=/path/to/libopenblas.so at one")
 _REFERENCE = re.compile(r"^lib(c?blas|refblas)([-.]|$)")  # netlib names (auditwheel adds -hash)
 _OPTIMISED = re.compile(r"openblas|mkl|blis|armpl|flexiblas", re.I)
@@ -129,7 +131,18 @@ def candidates() -> list[str]:
     paths = [f"/usr/lib/{arch}/{variant}libopenblas.so.0"  # Debian libopenblas0-pthread first
              for variant in ("openblas-pthread/", "", "openblas-openmp/")]
     found = ctypes.util.find_library("openblas")
-    return [p for p in paths if os.path.exists(p)] + ([found] if found else [])
+    # the `mkl` wheel (extra `blas`): pip-only, no root; its libmkl_rt exports cblas_sgemm
+    wheel = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    return [p for p in paths if os.path.exists(p)] + ([found] if found else []) + wheel[:1]
+
+
+def why(path: str) -> str:
+    """Why `path` was the BLAS chosen, for `moe-min info`."""
+    if os.environ.get(ENV):
+        return f"named by ${ENV}"
+    if "mkl" in os.path.basename(path):
+        return "no system OpenBLAS found; the mkl wheel (pip install 'moe-min[blas]')"
+    return "the system OpenBLAS (Debian: libopenblas0-pthread), preferred when present"
 
 
 def ensure() -> dict:
@@ -245,7 +258,9 @@ def blas_status(resolve: bool = True) -> dict[str, str]:
                   f"({'reference' if link['reference'] else 'optimised'}, via {link['how']})",
                   loaded=f"{_state['loaded']} ({_state['when']})" if _state["loaded"] else "")
     if _state["handle"] is not None:
-        status["openblas"] = _openblas_info(_state["handle"])
+        status["why"] = why(_state["loaded"])
+        if "openblas" in _state["loaded"]:
+            status["openblas"] = _openblas_info(_state["handle"])
     if _state["note"]:
         status["note"] = _state["note"]
     if "mlx.core" in sys.modules:

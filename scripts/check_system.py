@@ -4,6 +4,7 @@ on one line with the Debian package that provides it, before any venv or test is
 Without this, a missing library shows up ten minutes later as a skipped backend (or, under
 CI, a failed one) with a loader traceback. Stdlib only: it runs on the system python.
 Usage: python3 scripts/check_system.py EXTRAS   (EXTRAS as in the Makefile, e.g. test,mlx,tinygrad)
+       python3 scripts/check_system.py --blas-extra   (prints ",blas" where MLX needs the mkl wheel)
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def missing(extras: set[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:] == ["--blas-extra"]:  # make demo: ",blas" when MLX would have no fast BLAS
+        needed = platform.system() == "Linux" and platform.machine() == "x86_64" and \
+            not _openblas()
+        print(",blas" if needed else "")
+        return 0
     extras = set(argv[1].split(",")) if len(argv) > 1 else {"mlx", "tinygrad"}
     lines = missing(extras)
     for line in lines:

@@ -61,3 +61,28 @@ def test_mlx_matmul_resolves_to_an_optimised_blas():
     # and MLX's own call site (libmlx.so's GOT slot, bound by a matmul) lands in it too
     assert got["mlx"] == real, f"MLX's cblas_sgemm resolves to {got['mlx']}, not {real}"
     assert status["in_use"] == "yes", status
+
+
+def test_without_a_system_openblas_the_mkl_wheel_is_the_candidate(monkeypatch, tmp_path):
+    from moe_min.backends import mlx_blas
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libmkl_rt.so.2").write_bytes(b"")
+    monkeypatch.delenv(mlx_blas.ENV, raising=False)
+    monkeypatch.setattr(mlx_blas.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(mlx_blas.os.path, "exists", lambda p: False)  # no /usr/lib openblas
+    monkeypatch.setattr(mlx_blas.ctypes.util, "find_library", lambda name: None)
+    found = mlx_blas.candidates()
+    assert found == [str(tmp_path / "lib" / "libmkl_rt.so.2")]
+    assert "mkl wheel" in mlx_blas.why(found[0])
+    assert "system OpenBLAS" in mlx_blas.why("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+
+
+def test_make_demo_adds_the_blas_extra_only_without_a_system_openblas():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "check_system.py")
+    out = subprocess.run([sys.executable, script, "--blas-extra"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    from moe_min.backends import mlx_blas
+
+    system = [p for p in mlx_blas.candidates() if "mkl" not in p]
+    assert out == ("" if system or os.environ.get(mlx_blas.ENV) else ",blas"), (out, system)
