@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_min.helpers import read_bounded
+
 VOCAB = 256
 VAL_FRACTION = 0.1  # the last 10 % of the corpus is the validation split
 
@@ -33,9 +35,9 @@ def load_corpus(path: str | Path | None = None) -> np.ndarray:
     if path is None:
         return np.frombuffer(default_text().encode("utf-8"), np.uint8)
     try:
-        raw = Path(path).read_bytes()
+        raw = read_bounded(path, what="text file")
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(str(e)) from None
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_min.helpers import read_bounded
 from moe_min.models import configs, data, evaluation, optim, plots
 from moe_min.ops import backend_entry_points, get_backend
 from moe_min.tensorio import load_safetensors, save_safetensors
@@ -43,6 +45,10 @@ class TrainConfig:
     lr: float = 6e-3
     min_lr_ratio: float = 0.1  # the cosine's floor is lr * min_lr_ratio (nanoGPT: lr / 10)
     warmup: int = 100
+    # the cosine decays over `horizon` steps, fixed by the first run: 0 means `steps` then.
+    # A resumed run with more --steps goes on at the floor, exactly as one run that long with
+    # the same horizon would (README, "Resume")
+    horizon: int = 0
     seed: int = 0
     eval_every: int = 250  # steps; also where checkpoints are written
     eval_windows: int = 64  # windows per periodic evaluation (and for the train split)
@@ -57,9 +63,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_windows", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: expected >= 1")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
+        if self.horizon < 0:
+            raise ValueError(f"TrainConfig.horizon = {self.horizon}: expected >= 0")
+        if not (0 < self.lr < math.inf and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"TrainConfig lr = {self.lr}, min_lr_ratio = {self.min_lr_ratio}: "
-                             "expected lr > 0 and 0 <= min_lr_ratio <= 1")
+                             "expected a finite lr > 0 and 0 <= min_lr_ratio <= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -97,7 +105,7 @@ def model_module(config):
 # ---- checkpoints ---------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(read_bounded(path, what="checkpoint file")).hexdigest()
 
 
 def _fsync_dir(path: Path):
@@ -161,7 +169,7 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     """Read and verify a checkpoint directory; any defect is one CheckpointError line."""
     path = Path(path)
     try:
-        meta = json.loads((path / "config.json").read_text())
+        meta = json.loads(read_bounded(path / "config.json", 2 ** 24, "config file"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no checkpoint here (no config.json)") from None
     except (OSError, ValueError) as e:
@@ -235,21 +243,45 @@ def _corpus_id(tokens: np.ndarray) -> str:
     return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
 
 
-def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool):
+def start_saved(out: Path) -> int:
+    """The step of the checkpoint in OUT (for messages)."""
+    return json.loads(read_bounded(out / "checkpoint" / "config.json", 2 ** 24))["step"]
+
+
+def holds_a_run(out: Path) -> bool:
+    return (out / "checkpoint").exists() or (out / "metrics.jsonl").exists()
+
+
+def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool, overwrite: bool):
     """(config, settings, first step, params, optimizer state, corpus id or None): a fresh
-    run, or the checkpoint in OUT/checkpoint."""
+    run, or the checkpoint in OUT/checkpoint. A fresh run never replaces another run's
+    checkpoint and metrics unless told to (overwrite)."""
     if not resume:
+        if holds_a_run(out) and not overwrite:
+            raise ValueError(f"{out} holds another run (a checkpoint or metrics.jsonl): continue "
+                             f"it with --resume, replace it with --overwrite, or pick another --out")
+        if overwrite:  # the old run goes now, so no old checkpoint sits beside new metrics
+            link = out / "checkpoint"
+            target = link.resolve() if link.is_symlink() else None
+            if link.is_symlink():
+                link.unlink()
+            for path in (target, link):
+                if path is not None and path.is_dir():
+                    shutil.rmtree(path)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         tc = tc or TrainConfig()
+        tc = replace(tc, horizon=tc.horizon or tc.steps)
         return config, tc, 0, model_module(config).init_params(config, tc.seed), None, None
     if config is not None or tc is not None:
         raise ValueError("resume takes the config and settings from the checkpoint")
     c = load_checkpoint(out / "checkpoint")
-    return c.config, c.train, c.step, c.params, c.opt_state, c.meta.get("corpus")
+    tc = replace(c.train, horizon=c.train.horizon or c.train.steps)  # written before horizons
+    return c.config, tc, c.step, c.params, c.opt_state, c.meta.get("corpus")
 
 
 def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backend=None,
           device: str | None = None, resume: bool = False, steps: int | None = None,
-          on_step=None, log=None) -> dict:
+          on_step=None, log=None, overwrite: bool = False) -> dict:
     """Train `config` (an LMConfig or EncoderConfig) under `tc`, writing OUT/metrics.jsonl,
     OUT/loss.png, OUT/load.png and OUT/checkpoint/. With resume=True, config and settings come
     from OUT/checkpoint and the run continues where it stopped (`steps` may extend it).
@@ -261,7 +293,8 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
                                                                   device)
     if not ops.caps.autodiff:
         raise ValueError(f"backend {ops.name!r} has no autodiff: train with mlx or tinygrad")
-    config, tc, start, params, opt_state, corpus = _start(ops, config, tc, out, resume)
+    config, tc, start, params, opt_state, corpus = _start(ops, config, tc, out, resume,
+                                                          overwrite)
     tc = replace(tc, steps=steps) if steps is not None else tc
     tokens = data.load_corpus(tc.data)
     train_tokens, val_tokens = data.split(tokens)
@@ -285,14 +318,21 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
         ops.seed(draw)
         x = ops.asarray(batch[:, :-1], "int")
         y = draw if is_encoder(config) else ops.asarray(batch[:, 1:], "int")
-        lr = optim.cosine_lr(it, tc.lr, tc.lr * tc.min_lr_ratio, tc.warmup, tc.steps)
+        lr = optim.cosine_lr(it, tc.lr, tc.lr * tc.min_lr_ratio, tc.warmup, tc.horizon)
         loss, norm, params, opt_state = step_fn(params, opt_state, x, y,
                                                 ops.asarray(np.float32(lr)))
         materialize(ops, {"loss": loss, "norm": norm}, params, opt_state)
         train_seconds += time.perf_counter() - t0
         done = it + 1
-        metrics.add({"step": done, "split": "train", "objective": float(ops.to_numpy(loss)),
-                     "lr": lr, "grad_norm": float(ops.to_numpy(norm)),
+        value, grad_norm = float(ops.to_numpy(loss)), float(ops.to_numpy(norm))
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            kept = f"the last good checkpoint (step {start_saved(out)}) is kept" if \
+                (out / "checkpoint").exists() else "no checkpoint was written"
+            raise ValueError(f"step {done}: the training loss is {value} (gradient norm "
+                             f"{grad_norm}): stopped before writing a checkpoint; {kept} "
+                             f"(lower --lr?)")
+        metrics.add({"step": done, "split": "train", "objective": value,
+                     "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": (done - start) * tokens_per_step / train_seconds})
         on_step(done, tc.steps, metrics.records[-1])
         if done % tc.eval_every == 0 or done == tc.steps:

@@ -102,8 +102,9 @@ class _Progress:
 @click.option("--eval-every", type=int, default=None)
 @click.option("--out", default="runs/latest", show_default=True, type=click.Path())
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the run that --out holds.")
 def train(config_name, overrides, backend, device, data_path, steps, batch_size, lr, seed,
-          eval_every, out, resume):
+          eval_every, out, resume, overwrite):
     """Train a routed byte-level model; metrics, plots and checkpoint go to --out."""
     from moe_min.models import train as t
 
@@ -115,11 +116,15 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
                                    "and settings: give only --out, --steps, --backend, --device")
     config = None if resume else _run_library(t.model_config, config_name or "tiny-dense",
                                               overrides)
-    tc = None if resume else t.TrainConfig(**given, **({"steps": steps} if steps else {}))
+    if resume and overwrite:
+        raise click.ClickException("--resume continues the run in --out; --overwrite replaces "
+                                   "it: give one of them")
+    tc = None if resume else _run_library(t.TrainConfig, **given, **(
+        {"steps": steps} if steps is not None else {}))
     progress = _Progress()
     result = _run_library(t.train, config, tc, out=out, backend=backend, device=device,
                           resume=resume, steps=steps if resume else None, on_step=progress,
-                          log=progress.log)
+                          log=progress.log, overwrite=overwrite)
     click.echo(f"done: {result['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {out}/checkpoint")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_min.helpers import read_bounded
+
 _DTYPES = {"F64": "<f8", "F32": "<f4", "I64": "<i8", "I32": "<i4", "U8": "u1", "BOOL": "?"}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
@@ -44,9 +46,9 @@ def load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     """Read a safetensors file; a missing, truncated or malformed file is a ValueError that
     names the file and what is wrong."""
     try:
-        raw = Path(path).read_bytes()
+        raw = read_bounded(path, what="safetensors file")
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+        raise ValueError(str(e)) from None
     if len(raw) < 8:
         raise ValueError(f"{path}: truncated ({len(raw)} bytes; a safetensors file has >= 8)")
     (size,) = struct.unpack("<Q", raw[:8])
