@@ -75,6 +75,10 @@ class TinygradOps:
 
     def __init__(self, device: str | None = None):
         self.device = Device.canonicalize(device)  # upper-cases: "cl" -> "CL", None: default
+        if self.device.split(":")[0] not in ALL_DEVICES:  # tinygrad: "No module named ..."
+            raise ValueError(f"tinygrad device {device!r}: expected one of "
+                             f"{', '.join(ALL_DEVICES)} (working here: "
+                             f"{', '.join(working_devices()) or 'none'})")
         dev = Device[self.device]  # fails here, naming the device, if it cannot open
         if self.device.split(":")[0] == "CL":
             _positional_cl_args(dev)

@@ -191,8 +191,14 @@ class Decoder:
     def _scalar(self, value: int):
         return self.ops.asarray(np.array([value], np.int32), "int")
 
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        if tokens.size and not (0 <= tokens.min() and tokens.max() < self.config.vocab):
+            raise ValueError(f"token ids {tokens.min()}..{tokens.max()}: expected 0.."
+                             f"{self.config.vocab - 1} (the vocabulary)")
+
     def prefill(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)
+        self._check_ids(tokens)
         if tokens.ndim != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1:
             raise ValueError(f"prefill: tokens of shape {tokens.shape}: expected "
                              f"(batch={self.batch}, n) with 1 <= n <= {self.config.context}")
@@ -211,6 +217,7 @@ class Decoder:
 
     def step(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens).reshape(self.batch, 1)
+        self._check_ids(tokens)
         if self.cache is None:
             raise ValueError("decode step before prefill: prefill a prompt first")
         if self.position >= self.config.context:

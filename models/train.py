@@ -243,6 +243,22 @@ def _corpus_id(tokens: np.ndarray) -> str:
     return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
 
 
+def check_sizes(config, tc: TrainConfig, tokens: np.ndarray) -> None:
+    """Before any allocation or gather: byte ids within the vocabulary (a larger id reaches
+    the embedding gather unchecked: MLX reads out of bounds), and a step that fits in memory."""
+    top = int(tokens.max())
+    if top >= config.vocab:
+        raise ValueError(f"vocab {config.vocab}: the corpus holds byte id {top}; a byte model "
+                         f"needs vocab >= {top + 1}")
+    per_token = 4 * (config.dim * config.layers * 24 + config.vocab * 3)  # activations, grads
+    need = tc.batch_size * config.context * per_token
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"batch size {tc.batch_size} x context {config.context}: a step needs "
+                         f"about {need / 2**30:,.0f} GiB, this machine has {have / 2**30:,.0f}"
+                         f" GiB: lower --batch-size")
+
+
 def start_saved(out: Path) -> int:
     """The step of the checkpoint in OUT (for messages)."""
     return json.loads(read_bounded(out / "checkpoint" / "config.json", 2 ** 24))["step"]
@@ -297,6 +313,7 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
                                                           overwrite)
     tc = replace(tc, steps=steps) if steps is not None else tc
     tokens = data.load_corpus(tc.data)
+    check_sizes(config, tc, tokens)
     train_tokens, val_tokens = data.split(tokens)
     if resume and corpus != _corpus_id(tokens):
         raise ValueError(f"the corpus ({tc.data or 'pydoc topics'}) differs from the one the "

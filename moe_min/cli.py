@@ -32,9 +32,9 @@ def conform(backend, device, cases_dir, include, exclude, junit, verbose):
 
     runner = Runner(_backend(backend, device), cases_dir)
     for pattern in include:
-        runner.include(pattern)
+        _run_library(runner.include, pattern)
     for pattern in exclude:
-        runner.exclude(pattern)
+        _run_library(runner.exclude, pattern)
     try:
         rows = runner.run()
     except ValueError as e:
@@ -132,7 +132,7 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
 @click.option("--checkpoint", "checkpoint", default="runs/latest/checkpoint", show_default=True,
               type=click.Path())
 @click.option("--prompt", default="def ", show_default=True)
-@click.option("--max-tokens", type=int, default=200, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)

@@ -23,15 +23,15 @@ def _print_timings(timings):
 @bench.command("layer")
 @click.option("--backend", default="numpy", show_default=True)
 @click.option("--device", default=None)
-@click.option("--tokens", default=4096, show_default=True)
-@click.option("--dim", default=512, show_default=True)
-@click.option("--hidden", default=1024, show_default=True)
-@click.option("--experts", default=8, show_default=True)
-@click.option("--top-k", default=2, show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--dim", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--experts", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--top-k", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--activation", default="relu", show_default=True,
               type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]))
 @click.option("--glu", is_flag=True, help="SwiGLU experts (vs mlx-lm's SwitchGLU).")
-@click.option("--repeat", default=5, show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--scheme", default="token_choice", show_default=True,
               type=click.Choice(["token_choice", "expert_choice", "soft_moe"]))
 @click.option("--capacity", default="1.0", show_default=True,
@@ -57,7 +57,7 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
 @bench.command("matmul")
 @click.option("--backend", default="numpy", show_default=True)
 @click.option("--device", default=None)
-@click.option("--size", default=1024, show_default=True)
+@click.option("--size", type=click.IntRange(1), default=1024, show_default=True)
 def bench_matmul(backend, device, size):
     """float32 matmul throughput of a backend next to NumPy's."""
     from moe_min import bench as b
@@ -74,10 +74,11 @@ def bench_matmul(backend, device, size):
 @click.option("--device", default=None)
 @click.option("--skip", type=click.Choice(["both", "mask", "branch"]), default="both",
               show_default=True, help="MoD blocks at decode time (models/decode.py).")
-@click.option("--prompt-len", default=64, show_default=True)
-@click.option("--tokens", default=300, show_default=True, help="Decode steps per variant.")
+@click.option("--prompt-len", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=300, show_default=True,
+              help="Decode steps per variant.")
 @click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
-@click.option("--train-steps", default=0, show_default=True,
+@click.option("--train-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Also time this many jitted training steps per backend (batch 16).")
 def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
                    compare_mlx, train_steps):

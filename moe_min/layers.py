@@ -193,6 +193,9 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
             y = grouped.apply_grouped(ops, expert, params, xg, plan)
         else:
             y = apply_slots(ops, expert_fn, xg, plan)
+    if validate and not ops.all_finite(y):  # routing was finite: the experts or block made it
+        raise ValueError("the layer output contains NaN or inf though the routing was finite: "
+                         "check the expert (or block) weights")
     out = {"y": ops.reshape(y, (T, D) if squeeze else (B, T, D))}
     for name in ("slot_token", "slot_weight", "dispatch", "combine"):
         if getattr(plan, name) is not None:

@@ -78,9 +78,9 @@ def _normal(ops: Ops, noise, shape: tuple[int, ...], what: str) -> Array:
     return ops.reshape(noise, shape)
 
 
-def _check_finite(ops: Ops, logits: Array, validate: bool):
+def _check_finite(ops: Ops, logits: Array, validate: bool, weights: str = "router_w"):
     if validate and not ops.all_finite(logits):
-        raise ValueError("router logits contain NaN or inf: check the input and router_w "
+        raise ValueError(f"router logits contain NaN or inf: check the input and {weights} "
                          "(every logit must be finite)")
 
 
@@ -251,7 +251,7 @@ def _unit(ops: Ops, v, axis: int):
     return v / ops.sqrt(ops.sum(v * v, axis=axis, keepdims=True) + 1e-6)
 
 
-def _soft_moe(spec: SoftMoE, x, params, ops: Ops, mode, noise) -> Plan:
+def _soft_moe(spec: SoftMoE, x, params, ops: Ops, mode, noise, validate=True) -> Plan:
     B, T, D = x.shape
     G, S = group_shape(spec, B, T)
     E, P = spec.num_experts, spec.slots_for(S)
@@ -267,6 +267,7 @@ def _soft_moe(spec: SoftMoE, x, params, ops: Ops, mode, noise) -> Plan:
     if spec.scale != "none":  # the product is the same either way; vmoe scales the smaller
         xn, mun = (xn * scale, mun) if on_input else (xn, mun * scale)
     logits = xn @ ops.reshape(mun, (D, E * P))  # (G, S, E*P)
+    _check_finite(ops, logits, validate, "slot_mu and slot_scale")
     if mode == "train" and spec.noise_std > 0:
         logits = logits + spec.noise_std * _normal(ops, noise, (G, S, E * P), "Soft MoE noise")
     dispatch = ops.transpose(ops.softmax(logits, axis=1), (0, 2, 1))  # over tokens
@@ -317,7 +318,7 @@ def route(spec, x, params: dict, ops: Ops, *, mode: str = "eval", noise=None,
     if isinstance(spec, ExpertChoice):
         return _expert_choice(spec, x, params, ops, mode, noise, x_predictor, validate)
     if isinstance(spec, SoftMoE):
-        return _soft_moe(spec, x, params, ops, mode, noise)
+        return _soft_moe(spec, x, params, ops, mode, noise, validate)
     if isinstance(spec, MixtureOfDepths):
         return _mixture_of_depths(spec, x, params, ops, mode, x_predictor, validate)
     raise TypeError(f"not a routing spec: {type(spec).__name__}")

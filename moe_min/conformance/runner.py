@@ -58,6 +58,14 @@ def backend_loss(ops, case: Case, params: dict, x, noise):
     return loss + out["aux/total"] if "aux/total" in out else loss
 
 
+def _regex(pattern: str, flag: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{flag} {pattern!r}: not a regular expression ({e})") from None
+    return pattern
+
+
 class Runner:
     def __init__(self, ops, cases: str | Path | None = None):
         self.ops, self.root = ops, cases
@@ -65,11 +73,11 @@ class Runner:
         self.excludes: list[tuple[str, str]] = []
 
     def include(self, pattern: str) -> Runner:
-        self.includes.append(pattern)
+        self.includes.append(_regex(pattern, "--include"))
         return self
 
     def exclude(self, pattern: str, why: str = "") -> Runner:
-        self.excludes.append((pattern, why))
+        self.excludes.append((_regex(pattern, "--exclude"), why))
         return self
 
     def selected(self) -> list[Path]:
@@ -82,7 +90,11 @@ class Runner:
         missing = missing_ops(self.ops)
         rows = [Row("contract", "ops", None, None, "failed" if missing else "passed",
                     "missing: " + ", ".join(missing) if missing else "")]
-        for path in self.selected():
+        selected = self.selected()
+        if not selected:  # a run of no case would pass vacuously
+            raise ValueError(f"no case selected (--include {self.includes or '-'}, --exclude "
+                             f"{[p for p, _ in self.excludes] or '-'}): nothing would be tested")
+        for path in selected:
             rows.extend(self.run_case(read_case(path)))
         return rows
 

@@ -147,3 +147,51 @@ def test_resuming_past_the_first_runs_steps_continues_at_the_floor_bit_for_bit(t
     assert a.step == b.step == 9
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name]), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["conform", "numpy", "--include", "["], "--include '[': not a regular expression"),
+    (["conform", "numpy", "--exclude", "(x"], "--exclude '(x': not a regular expression"),
+    (["conform", "numpy", "--include", "no_such_case"], "no case selected"),
+    (["conform", "tinygrad", "--device", "NOPE"], "tinygrad device 'NOPE': expected one of"),
+    (["train", "--set", "vocab=10", "--out", "{tmp}/v"], "vocab 10: the corpus holds byte id"),
+    (["train", "--batch-size", "100000000", "--out", "{tmp}/b"], "lower --batch-size"),
+    (["bench", "layer", "--capacity", "-1"], "capacity '-1': expected a positive factor"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_more_bad_cli_input_is_one_line_before_any_work(args, message, tmp_path):
+    result = CliRunner().invoke(main, [a.format(tmp=tmp_path) for a in args])
+    _one_line_error(result, message)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_non_finite_values_in_a_layer_are_errors_naming_the_weights():
+    from moe_min.layers import forward
+    from moe_min.spec import ExpertMLP, SoftMoE, TokenChoice
+
+    ops = load_backend("mlx", "cpu")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 4)).astype(np.float32)
+    experts = {"expert_w1": rng.standard_normal((2, 4, 8)).astype(np.float32),
+               "expert_w2": rng.standard_normal((2, 8, 4)).astype(np.float32)}
+    soft = {**experts, "slot_mu": rng.standard_normal((4, 2, 1)).astype(np.float32),
+            "slot_scale": np.ones((), np.float32)}
+    bad = x.copy()
+    bad[0, 3, 1] = np.nan
+    with pytest.raises(ValueError, match="slot_mu and slot_scale"):
+        forward(SoftMoE(num_experts=2), ops.asarray(bad),
+                {k: ops.asarray(v) for k, v in soft.items()}, ops, expert=ExpertMLP(8))
+    weights = {**experts, "router_w": rng.standard_normal((4, 2)).astype(np.float32)}
+    weights["expert_w2"][1, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="layer output contains NaN or inf"):
+        forward(TokenChoice(num_experts=2, top_k=2, capacity="dropless"), ops.asarray(x),
+                {k: ops.asarray(v) for k, v in weights.items()}, ops, expert=ExpertMLP(8))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_a_gather():
+    from moe_min.models import decode, lm
+    from moe_min.models.configs import LMConfig
+
+    config = LMConfig(vocab=16, dim=8, layers=1, heads=2, context=16)
+    decoder = decode.Decoder(load_backend("mlx", "cpu"), config, lm.init_params(config))
+    with pytest.raises(ValueError, match="token ids 3..16: expected 0..15"):
+        decoder.prefill(np.array([[3, 16]]))
