@@ -168,10 +168,10 @@ class Checkpoint:
 def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     """Read and verify a checkpoint directory; any defect is one CheckpointError line."""
     path = Path(path)
+    if not os.path.lexists(path / "config.json"):
+        raise CheckpointError(f"{path}: no checkpoint here (no config.json)")
     try:
         meta = json.loads(read_bounded(path / "config.json", 2 ** 24, "config file"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint here (no config.json)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
