@@ -31,6 +31,8 @@ May import: anything but cli.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from moe_min.models import lm
@@ -161,7 +163,7 @@ class Decoder:
     `prefill(tokens (B, n))` starts a fresh cache and returns the logits of the last token,
     `step(tokens (B, 1))` appends one token and returns its logits; both as NumPy (B, V).
     `traces` counts how often a function body ran (a trace, or an eager call), per key: a
-    reused compiled step adds nothing. skip: "mask" | "branch" | None (the backend's default).
+    reused compiled step adds nothing; `compile_seconds` sums the calls that traced. skip: "mask" | "branch" | None (the backend's default).
     """
 
     def __init__(self, ops: Ops, config: LMConfig, params: dict, *, batch: int = 1,
@@ -172,6 +174,7 @@ class Decoder:
         self.ops, self.config, self.batch, self.skip = ops, config, batch, skip
         self.params = {name: ops.asarray(value) for name, value in params.items()}
         self.compiled, self.traces, self._fns = compiled, {}, {}
+        self.compile_seconds = 0.0  # time of the calls that traced (and compiled) something
         self.cache, self.position = None, 0
         new_cache(ops, config, batch)  # refuses a MoD batch early
 
@@ -196,7 +199,21 @@ class Decoder:
             raise ValueError(f"token ids {tokens.min()}..{tokens.max()}: expected 0.."
                              f"{self.config.vocab - 1} (the vocabulary)")
 
+    def _timing(self, call):
+        """Run call(); a call during which something was traced counts as compile time."""
+        before, start = sum(self.traces.values()), time.perf_counter()
+        out = call()
+        if sum(self.traces.values()) != before:
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
     def prefill(self, tokens) -> np.ndarray:
+        return self._timing(lambda: self._prefill(tokens))
+
+    def step(self, tokens) -> np.ndarray:
+        return self._timing(lambda: self._step(tokens))
+
+    def _prefill(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)
         self._check_ids(tokens)
         if tokens.ndim != 2 or tokens.shape[0] != self.batch or tokens.shape[1] < 1:
@@ -215,7 +232,7 @@ class Decoder:
         self.position = n
         return np.asarray(self.ops.to_numpy(logits), np.float64)[:, n - 1]
 
-    def step(self, tokens) -> np.ndarray:
+    def _step(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens).reshape(self.batch, 1)
         self._check_ids(tokens)
         if self.cache is None:

@@ -96,13 +96,16 @@ def generate(ops, config, params: dict, prompt: str, *, max_tokens: int = 200,
              stats: dict | None = None):
     """Generate text after `prompt`; each piece of text goes to `emit` as soon as its bytes
     form whole UTF-8 characters. Returns (text, tokens per second of the whole generation,
-    prefill included, and the number of tokens). `stats` as in `generate_step`."""
+    prefill and compiles included, and the number of tokens). `stats` as in `generate_step`,
+    plus `compile_seconds` (the calls that traced a step) and `steady_tokens_per_s` (without
+    them)."""
     tokens = data.encode(prompt)
     check_prompt(config, len(tokens))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    steps = decode.Decoder(ops, config, params)
     pieces, count, start = [], 0, time.perf_counter()
     for token, _ in generate_step(ops, config, params, tokens, sampler=sampler,
-                                  max_tokens=max_tokens, stats=stats):
+                                  max_tokens=max_tokens, stats=stats, decoder=steps):
         count += 1
         piece = decoder.decode(bytes([token]))
         if piece:
@@ -113,4 +116,8 @@ def generate(ops, config, params: dict, prompt: str, *, max_tokens: int = 200,
     if tail and emit:
         emit(tail)
     seconds = time.perf_counter() - start
+    if stats is not None:
+        steady = seconds - steps.compile_seconds
+        stats.update(compile_seconds=steps.compile_seconds,
+                     steady_tokens_per_s=count / steady if steady > 0 else 0.0)
     return "".join(pieces) + tail, count / seconds if seconds > 0 else 0.0, count

@@ -158,6 +158,8 @@ def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, ba
                                  stats=stats)
     routed = "".join(f"; block {i} routed {f:.0%}" for i, f in stats.get(
         "routed_fraction", {}).items())
-    click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s{routed}]", err=True)
+    steady = (f"; {stats['steady_tokens_per_s']:.0f} tokens/s after "
+              f"{stats['compile_seconds']:.1f} s of compiles") if stats.get("compile_seconds") else ""
+    click.echo(f"\n[{count} tokens, {speed:.1f} tokens/s{steady}{routed}]", err=True)
 
 main.add_command(bench)
