@@ -28,7 +28,8 @@ def main():
 @click.option("-v", "--verbose", is_flag=True, help="Show the worst element of every row.")
 def conform(backend, device, cases_dir, include, exclude, junit, verbose):
     """Run the conformance corpus against BACKEND; exit 1 on any failure."""
-    from moe_min.conformance.runner import Runner, format_rows, summary, write_junit
+    from moe_min.conformance.runner import (Runner, failures, format_rows, summary,
+                                            write_junit)
 
     runner = Runner(_backend(backend, device), cases_dir)
     for pattern in include:
@@ -42,6 +43,8 @@ def conform(backend, device, cases_dir, include, exclude, junit, verbose):
     click.echo(format_rows(rows, verbose))
     if junit:
         write_junit(rows, junit, suite=f"moe-min conform {backend}")
+    if failures(rows):
+        click.echo(failures(rows))
     click.echo(summary(rows))
     sys.exit(1 if any(r.status == "failed" for r in rows) else 0)
 

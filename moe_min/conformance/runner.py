@@ -46,8 +46,9 @@ def compare(got, want: np.ndarray, tol) -> tuple[float | None, bool, str]:
     if not bad.any():
         return error, True, ""
     worst = np.unravel_index(np.argmax(np.where(np.isnan(diff), np.inf, diff)), diff.shape)
-    return error, False, (f"{int(bad.sum())}/{bad.size} elements off; worst at {list(worst)}: "
-                          f"expected {want[worst]!r}, got {got[worst]!r}")
+    return error, False, (f"{int(bad.sum())}/{bad.size} elements off; worst at "
+                          f"{[int(i) for i in worst]}: expected {float(want[worst]):.9g}, got "
+                          f"{float(got[worst]):.9g}")  # plain numbers, not np.float64(...)
 
 
 def backend_loss(ops, case: Case, params: dict, x, noise):
@@ -157,6 +158,14 @@ def format_rows(rows: list[Row], verbose: bool = False) -> str:
         if r.detail and (verbose or r.status != "passed"):
             lines.append(f"    {r.detail}")
     return "\n".join(lines)
+
+
+def failures(rows: list[Row]) -> str:
+    """The closing list of only the failed rows, each with its detail (empty if none)."""
+    failed = [r for r in rows if r.status == "failed"]
+    return "\n".join([f"failed rows ({len(failed)}):"] + [
+        f"  {r.case} {r.quantity}: {r.detail or 'out of tolerance'}" for r in failed]) \
+        if failed else ""
 
 
 def write_junit(rows: list[Row], path: Path, suite: str):
