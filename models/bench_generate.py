@@ -23,12 +23,17 @@ class Variant:
     config: object
     params: dict
     skip: str
+    twin: bool = False  # the dense twin, the baseline of its backend's ratios
     decoder: decode.Decoder | None = None
     first: float = 0.0  # seconds of the first prefills and the warm-up of every step variant
-    prefill: list = field(default_factory=list)  # seconds per prefill after the first
-    steps: list = field(default_factory=list)  # seconds per decode step after the first two
+    prefill: list = field(default_factory=list)  # seconds per prefilled token, after warm-up
+    steps: list = field(default_factory=list)  # seconds per decode step, after warm-up
     token: int = 0
     routed: dict = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return f"{self.ops.name}-{self.ops.device}"
 
 
 def dense_twin(config):
@@ -65,7 +70,8 @@ def variants(ops, config, params: dict | None, name: str, skip: str = "both") ->
     out = [Variant(f"{label} {name} ({mode})", ops, config, params, mode)
            for mode in (modes if config.mod is not None else ["mask"])]
     twin = dense_twin(config)
-    return [*out, Variant(f"{label} dense twin", ops, twin, lm.init_params(twin, 0), "mask")]
+    return [*out, Variant(f"{label} dense twin", ops, twin, lm.init_params(twin, 0), "mask",
+                          twin=True)]
 
 
 def report(variants: list[Variant], echo, trained: dict | None = None) -> None:
@@ -107,10 +113,13 @@ def _run_round(v: Variant, prompt: np.ndarray, count: int, context: int) -> None
 
 def run(variants: list[Variant], prompt_len: int = 64, tokens: int = 300, rounds: int = 6,
         seed: int = 0) -> list[Variant]:
-    """Time every variant: the first prefill + two steps (compiles), then `rounds` rounds of
-    one prefill and tokens/rounds decode steps each, round-robin over the variants."""
+    """Time every variant: its warm-up (the prefill bucket's and every step variant's traces),
+    then `rounds` rounds of one prefill and tokens/rounds decode steps each, round-robin over
+    the variants."""
+    prompts = {id(v): _prompt(v.config, min(prompt_len, v.config.context - 1), seed)
+               for v in variants}
     for v in variants:
-        prompt = _prompt(v.config, min(prompt_len, v.config.context - 1), seed)
+        prompt = prompts[id(v)]
         v.decoder = decode.Decoder(v.ops, v.config, v.params, skip=v.skip)
         start = time.perf_counter()
         logits = v.decoder.prefill(prompt)
@@ -122,7 +131,7 @@ def run(variants: list[Variant], prompt_len: int = 64, tokens: int = 300, rounds
     per_round = max(1, tokens // rounds)
     for _ in range(rounds):
         for v in variants:
-            prompt = _prompt(v.config, min(prompt_len, v.config.context - 1), seed)
+            prompt = prompts[id(v)]
             last, seconds = _timed(lambda v=v, p=prompt: v.decoder.prefill(p))
             v.prefill.append(seconds / prompt.shape[1])
             v.token = int(np.argmax(last[0]))
@@ -143,9 +152,11 @@ def prefill_rate(v: Variant) -> float:
     return 1.0 / statistics.median(v.prefill)
 
 
-def train_rate(ops, config, steps: int = 4, batch: int = 16, warmup: int = 3) -> dict:
+def train_rate(ops, config, tokens: np.ndarray, steps: int = 4, batch: int = 16,
+               warmup: int = 3) -> dict:
     """Training tokens/s of the jitted step (models/train.py) on batches of the default corpus:
-    `warmup` steps (trace, compile; timed apart as "first"), then `steps` timed ones."""
+    `warmup` steps (trace, compile; timed apart as "first"), then `steps` timed ones. tokens:
+    the training split."""
     from moe_min.models import data, optim
     from moe_min.models import train as t
 
@@ -153,7 +164,6 @@ def train_rate(ops, config, steps: int = 4, batch: int = 16, warmup: int = 3) ->
     step_fn = t.make_step(ops, config, tc)
     params = {k: ops.asarray(v) for k, v in lm.init_params(config, 0).items()}
     state = optim.init_state(ops, params)
-    tokens = data.split(data.load_corpus(None))[0]
     times = []
     for it in range(warmup + steps):
         window = data.batch_at(tokens, it, batch, config.context, 0)
@@ -169,25 +179,28 @@ def train_rate(ops, config, steps: int = 4, batch: int = 16, warmup: int = 3) ->
 
 def train_rates(variants: list[Variant], name: str, steps: int) -> dict:
     """`train_rate` of the routed config on each backend of `variants` (none if steps is 0)."""
-    out = {}
-    for ops, config in {v.ops: v.config for v in variants if "dense twin" not in v.label}.items():
+    from moe_min.models import data
+
+    if not steps:
+        return {}
+    tokens, out = data.split(data.load_corpus(None))[0], {}
+    for v in {v.backend: v for v in variants if not v.twin}.values():
         try:
-            out[f"{ops.name}-{ops.device} {name}"] = train_rate(ops, config, steps) if steps \
-                else None
+            out[f"{v.backend} {name}"] = train_rate(v.ops, v.config, tokens, steps)
         except Exception as e:  # a backend that cannot train this here is a row, not a crash
-            out[f"{ops.name}-{ops.device} {name}"] = {"error": f"{type(e).__name__}: {e}"}
-    return {k: v for k, v in out.items() if v is not None}
+            out[f"{v.backend} {name}"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def ratios(variants: list[Variant]) -> list[tuple[str, float]]:
     """Per backend, the faster MoD skip over the dense twin (decode), then each backend's
     decode and prefill over MLX's, both with their faster skip."""
-    backends = list(dict.fromkeys(v.label.split(" ")[0] for v in variants))
+    backends = list(dict.fromkeys(v.backend for v in variants))
     best = {}
     for b in backends:
-        mine = [v for v in variants if v.label.startswith(b + " ")]
-        routed = [v for v in mine if "dense twin" not in v.label]
-        best[b] = max(routed, key=decode_rate), [v for v in mine if v not in routed][0]
+        mine = [v for v in variants if v.backend == b]
+        best[b] = (max((v for v in mine if not v.twin), key=decode_rate),
+                   next(v for v in mine if v.twin))
     out = []
     for b, (fast, twin) in best.items():
         out.append((f"{b} decode, routed ({fast.skip}) / dense twin",

@@ -52,11 +52,15 @@ def buckets(context: int, smallest: int = 16) -> list[int]:
     return [*out, context]
 
 
-def new_cache(ops: Ops, config: LMConfig, batch: int = 1) -> dict:
-    """An empty cache (module docstring) for `batch` sequences."""
+def check_batch(config: LMConfig, batch: int) -> None:
     if config.mod is not None and batch != 1:
         raise ValueError(f"decode: batch {batch} with MoD blocks: each sequence routes different "
                          f"tokens into a routed block, so decode batch 1")
+
+
+def new_cache(ops: Ops, config: LMConfig, batch: int = 1) -> dict:
+    """An empty cache (module docstring) for `batch` sequences."""
+    check_batch(config, batch)
     heads, L = config.heads, config.context
     cache = {}
     for i in range(config.layers):
@@ -126,8 +130,10 @@ def masked_step(ops: Ops, config: LMConfig):
     return step
 
 
-def mod_blocks(config: LMConfig) -> list[int]:
-    return [i for i in range(config.layers) if config.block_kind(i) == "mod"]
+def mod_blocks(config: LMConfig, after: int | None = None) -> list[int]:
+    """The MoD-routed blocks (after block `after`, if given)."""
+    return [i for i in range(config.layers)
+            if config.block_kind(i) == "mod" and (after is None or i > after)]
 
 
 def speculative_step(ops: Ops, config: LMConfig, entered: int | None):
@@ -136,9 +142,7 @@ def speculative_step(ops: Ops, config: LMConfig, entered: int | None):
     its decision computed on the way. Returns (host, xs, cache writes): host = the later
     blocks' decisions (0/1) then the logits, flat, so that one host read gets both; xs = each
     later MoD block's input, from which the step reruns if the token enters it."""
-    mods = mod_blocks(config)
-    later = [i for i in mods if entered is None or i > entered]
-    first = 0 if entered is None else entered
+    later, first = mod_blocks(config, entered), 0 if entered is None else entered
 
     def step(params, inputs, start, limit, cache):
         B, n = inputs.shape[:2]
@@ -176,7 +180,7 @@ class Decoder:
         self.compiled, self.traces, self._fns = compiled, {}, {}
         self.compile_seconds = 0.0  # time of the calls that traced (and compiled) something
         self.cache, self.position = None, 0
-        new_cache(ops, config, batch)  # refuses a MoD batch early
+        check_batch(config, batch)
 
     def _fn(self, key, make):
         """The compiled function for `key`. It closes over the parameters rather than taking
@@ -254,9 +258,9 @@ class Decoder:
     def _branch(self, x, start, limit):
         """Run as if the token skips every MoD block; at the first block it enters instead,
         keep the cache writes before that block and rerun from there (module docstring)."""
-        committed, entered, mods = {}, None, mod_blocks(self.config)
+        committed, entered = {}, None
         while True:
-            later = [i for i in mods if entered is None or i > entered]
+            later = mod_blocks(self.config, entered)
             fn = self._fn(("branch", entered), lambda e=entered:
                           speculative_step(self.ops, self.config, e))
             host, xs, new = fn(x, start, limit, self.cache)

@@ -31,11 +31,11 @@ def _forward_stats(ops, config, mode: str):
         picked = ops.take_along_axis(logits, ops.reshape(y, (B, T, 1)), axis=-1)
         out = {"ce": ops.logsumexp(logits, axis=-1) - ops.reshape(picked, (B, T))}
         for i, stats in info["blocks"].items():  # per row: padding rows are dropped on the host
-            out[f"{i}.load"] = ops.astype(stats["load"], "float") + 0.0  # (G, E)
-            out[f"{i}.routed"] = ops.astype(stats["experts_per_token"], "float") + 0.0  # (B, T)
+            out[f"{i}.load"] = ops.astype(stats["load"], "float")  # (G, E)
+            out[f"{i}.routed"] = ops.astype(stats["experts_per_token"], "float")  # (B, T)
             if "predictor_logits" in stats and mode != "causal":
-                out[f"{i}.pred"] = stats["predictor_logits"] + 0.0
-                out[f"{i}.true"] = stats["predictor_targets"] + 0.0
+                out[f"{i}.pred"] = stats["predictor_logits"]
+                out[f"{i}.true"] = stats["predictor_targets"]
         return out
 
     return fn

@@ -33,8 +33,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from moe_min import grouped
-from moe_min.layers import apply_mod, apply_slots, block_branch, experts, rms_norm
+from moe_min.layers import apply_experts, apply_mod, block_branch, rms_norm
 from moe_min.models.configs import LMConfig
 from moe_min.ops import Array, Ops
 from moe_min.routing import route
@@ -153,10 +152,7 @@ def _moe(ops: Ops, config: LMConfig, params: dict, u: Array, mode: str, noise: b
     plan = route(spec, u, params, ops, mode=route_mode, noise=_noise(ops, spec, u.shape, mode,
                                                                      noise), validate=False)
     G, S = plan.groups
-    ug = ops.reshape(u, (G, S, D))
-    y = grouped.apply_grouped(ops, config.expert, params, ug, plan) if grouped.applies(
-        ops, plan, S) else apply_slots(ops, lambda h: experts(ops, config.expert, params, h),
-                                       ug, plan)
+    y = apply_experts(ops, config.expert, params, ops.reshape(u, (G, S, D)), plan)
     return ops.reshape(y, (B, T, D)), _stats(ops, plan, B * T)
 
 

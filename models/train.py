@@ -259,11 +259,6 @@ def check_sizes(config, tc: TrainConfig, tokens: np.ndarray) -> None:
                          f" GiB: lower --batch-size")
 
 
-def start_saved(out: Path) -> int:
-    """The step of the checkpoint in OUT (for messages)."""
-    return json.loads(read_bounded(out / "checkpoint" / "config.json", 2 ** 24))["step"]
-
-
 def holds_a_run(out: Path) -> bool:
     return (out / "checkpoint").exists() or (out / "metrics.jsonl").exists()
 
@@ -315,7 +310,8 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
     tokens = data.load_corpus(tc.data)
     check_sizes(config, tc, tokens)
     train_tokens, val_tokens = data.split(tokens)
-    if resume and corpus != _corpus_id(tokens):
+    corpus_id = _corpus_id(tokens)
+    if resume and corpus != corpus_id:
         raise ValueError(f"the corpus ({tc.data or 'pydoc topics'}) differs from the one the "
                          "checkpoint was trained on")
     params = {k: ops.asarray(v) for k, v in params.items()}
@@ -327,7 +323,7 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
     log(f"{type(config).__name__} {config.dim}d x {config.layers} on {ops.name} "
         f"({ops.device}); {len(train_tokens):,} train / {len(val_tokens):,} val bytes; "
         f"bigram entropy {data.bigram_entropy(tokens):.3f} nats/byte; steps {start}..{tc.steps}")
-    train_seconds, report = 0.0, {}
+    train_seconds, report, saved = 0.0, {}, start  # saved: the current checkpoint's step
     for it in range(start, tc.steps):
         t0 = time.perf_counter()
         batch = data.batch_at(train_tokens, it, tc.batch_size, config.context, tc.seed)
@@ -343,8 +339,8 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
         done = it + 1
         value, grad_norm = float(ops.to_numpy(loss)), float(ops.to_numpy(norm))
         if not (math.isfinite(value) and math.isfinite(grad_norm)):
-            kept = f"the last good checkpoint (step {start_saved(out)}) is kept" if \
-                (out / "checkpoint").exists() else "no checkpoint was written"
+            kept = f"the last good checkpoint (step {saved}) is kept" if saved else \
+                "no checkpoint was written"
             raise ValueError(f"step {done}: the training loss is {value} (gradient norm "
                              f"{grad_norm}): stopped before writing a checkpoint; {kept} "
                              f"(lower --lr?)")
@@ -363,7 +359,8 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
             save_checkpoint(out, config, tc, done,
                             {k: ops.to_numpy(v) for k, v in params.items()},
                             {k: ops.to_numpy(v) for k, v in opt_state.items()},
-                            {"corpus": _corpus_id(tokens), "backend": ops.name})
+                            {"corpus": corpus_id, "backend": ops.name})
+            saved = done
             plots.write_all(metrics.records, out)
     trained = tc.steps - start
     return {**report, "step": tc.steps, "train_seconds": train_seconds, "out": str(out),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 MAX_READ = 2 ** 31  # bytes: a corpus, a checkpoint file or a case file larger is refused
 
@@ -29,6 +28,3 @@ def read_bounded(path, limit: int = MAX_READ, what: str = "file") -> bytes:
         raise OSError(f"{path}: more than {limit:,} bytes: a {what} may be at most {limit:,}")
     return data
 
-
-def read_text_bounded(path, limit: int = MAX_READ, what: str = "file") -> str:
-    return read_bounded(Path(path), limit, what).decode("utf-8")

@@ -66,6 +66,14 @@ def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:
     return y[:, :S]
 
 
+def apply_experts(ops: Ops, spec: ExpertMLP, params: dict, x: Array, plan: Plan) -> Array:
+    """A sparse plan applied with MLP experts: grouped on exactly the chosen rows where nothing
+    can drop and the backend has the fused op (moe_min/grouped.py), else `apply_slots`."""
+    if grouped.applies(ops, plan, x.shape[1]):
+        return grouped.apply_grouped(ops, spec, params, x, plan)
+    return apply_slots(ops, lambda h: experts(ops, spec, params, h), x, plan)
+
+
 def _slot_rows(G: int, E: int, C: int) -> np.ndarray:
     """For group g's flat slot e·C + c (E·C: dropped), its row in the expert-major output
     (E, G·C + 1): e·(G·C + 1) + g·C + c, and G·C (expert 0's spare row) for E·C."""
@@ -189,10 +197,8 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
         if isinstance(spec, SoftMoE):
             y = apply_soft(ops, expert_fn, xg, plan.dispatch, plan.combine, spec.num_experts,
                            spec.round_bf16)
-        elif grouped.applies(ops, plan, S):
-            y = grouped.apply_grouped(ops, expert, params, xg, plan)
         else:
-            y = apply_slots(ops, expert_fn, xg, plan)
+            y = apply_experts(ops, expert, params, xg, plan)
     if validate and not ops.all_finite(y):  # routing was finite: the experts or block made it
         raise ValueError("the layer output contains NaN or inf though the routing was finite: "
                          "check the expert (or block) weights")

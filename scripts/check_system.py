@@ -10,12 +10,13 @@ Usage: python3 scripts/check_system.py EXTRAS   (EXTRAS as in the Makefile, e.g.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
+import importlib.util
 import os
 import platform
 import shutil
 import sys
+from pathlib import Path
 
 
 def _loads(*names: str) -> bool:
@@ -29,11 +30,13 @@ def _loads(*names: str) -> bool:
 
 
 def _openblas() -> bool:
-    if os.environ.get("MOE_MIN_BLAS"):  # the user pointed MLX at a BLAS of their own
-        return os.path.isfile(os.environ["MOE_MIN_BLAS"])
-    arch = f"{platform.machine()}-linux-gnu"
-    paths = [f"/usr/lib/{arch}/{v}libopenblas.so.0" for v in ("openblas-pthread/", "", "openblas-openmp/")]
-    return any(os.path.isfile(p) for p in paths) or bool(ctypes.util.find_library("openblas"))
+    """An optimised system BLAS for MLX: mlx_blas's own candidates (stdlib only, so it loads
+    here from the checkout before any venv exists), less the pip mkl wheel."""
+    path = Path(__file__).resolve().parents[1] / "backends" / "mlx_blas.py"
+    spec = importlib.util.spec_from_file_location("mlx_blas", path)
+    mlx_blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mlx_blas)
+    return any("mkl_rt" not in os.path.basename(p) for p in mlx_blas.candidates())
 
 
 # (extra that needs it, what, found?, Debian package)

@@ -147,7 +147,8 @@ def test_mod_routed_outputs_ignore_unrouted_tokens_at_true_positions(ops):
     params, x = _params(config), np.random.default_rng(5).standard_normal((1, T, D))
     y, stats = _block(ops, config, params, x, np.arange(T)[None])
     routed = _routed(ops, stats)
-    assert 1 < routed.size < T
+    # the check below needs both kinds: these parameters route some tokens and skip others
+    assert 1 < routed.size < T, f"block 1 routed {routed.size} of {T} tokens"
     alone, _ = _block(ops, config, params, x[:, routed], routed[None])
     _close(ops, alone, _np(ops, y)[:, routed])
     compacted, _ = _block(ops, config, params, x[:, routed], np.arange(routed.size)[None])
