@@ -18,7 +18,7 @@ from importlib import metadata  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_min.ops import Caps  # noqa: E402
+from moe_min.ops import FAST_OPS, Caps, choose_fused  # noqa: E402
 
 _NUMPY = {"float": np.float32, "int": np.int32, "bool": np.bool_}
 
@@ -41,7 +41,7 @@ class MlxOps:
     caps = Caps(autodiff=True, jit=True, float64=False,
                 devices=("cpu", "gpu") if _gpu_available() else ("cpu",))
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, fused: str | None = None):
         device = device or ("gpu" if "gpu" in self.caps.devices else "cpu")
         if device not in self.caps.devices:
             raise ValueError(f"mlx backend device {device!r}: expected one of "
@@ -50,6 +50,10 @@ class MlxOps:
         # take the default device, so selecting one means setting the default
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         self.device = device
+        # all four are provided (and conformance-checked) everywhere; on the CPU mx.fast's
+        # rms_norm, rope and attention measured slower than the composites (`moe-min bench
+        # fused`, README), on a GPU they are Metal/CUDA kernels
+        self.fused = choose_fused(fused, FAST_OPS if device == "gpu" else ("grouped_mlp",))
         self.dtypes = {"float": mx.float32, "int": mx.int32, "bool": mx.bool_}
         self.seed(0)
 
@@ -208,6 +212,24 @@ class MlxOps:
                 h = act(r @ ws[0][0]) * (r @ ws[2][0] if w3 is not None else 1.0)
                 parts.append(h @ ws[1][0])
         return mx.concatenate(parts, axis=0)
+
+    def rms_norm(self, x, gain, eps):
+        return mx.fast.rms_norm(x, gain, eps)
+
+    def rope(self, v, positions, base):
+        # mx.fast.rope rotates a run of consecutive positions from one offset per batch row;
+        # routed tokens sit at arbitrary positions, so each token is its own row of length 1
+        B, H, N, Dh = v.shape
+        rows = mx.reshape(mx.transpose(v, (0, 2, 1, 3)), (B * N, H, 1, Dh))
+        out = mx.fast.rope(rows, Dh, traditional=False, base=base, scale=1.0,
+                           offset=mx.reshape(positions, (-1,)).astype(mx.int32))
+        return mx.transpose(mx.reshape(out, (B, N, H, Dh)), (0, 2, 1, 3))
+
+    def attention(self, q, k, v, allowed):
+        # an additive -1e9 rather than a boolean mask: a row with no allowed key stays finite
+        bias = mx.where(allowed, 0.0, -1e9).astype(q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                                    mask=bias)
 
     def take_along_axis(self, x, idx, axis):
         # gather VJP w.r.t. indices: MLX raises unless the index array is cut from the graph

@@ -152,29 +152,36 @@ def prefill_rate(v: Variant) -> float:
     return 1.0 / statistics.median(v.prefill)
 
 
-def train_rate(ops, config, tokens: np.ndarray, steps: int = 4, batch: int = 16,
-               warmup: int = 3) -> dict:
-    """Training tokens/s of the jitted step (models/train.py) on batches of the default corpus:
-    `warmup` steps (trace, compile; timed apart as "first"), then `steps` timed ones. tokens:
-    the training split."""
+def train_stepper(ops, config, tokens: np.ndarray, batch: int = 16):
+    """A function that runs one jitted training step (models/train.py) on the next batch of the
+    default corpus and returns its seconds. tokens: the training split."""
     from moe_min.models import data, optim
     from moe_min.models import train as t
 
-    tc = t.TrainConfig(batch_size=batch)
-    step_fn = t.make_step(ops, config, tc)
+    step_fn = t.make_step(ops, config, t.TrainConfig(batch_size=batch))
     params = {k: ops.asarray(v) for k, v in lm.init_params(config, 0).items()}
-    state = optim.init_state(ops, params)
-    times = []
-    for it in range(warmup + steps):
-        window = data.batch_at(tokens, it, batch, config.context, 0)
+    state, it = optim.init_state(ops, params), iter(range(1 << 62))
+
+    def step() -> float:
+        nonlocal params, state
+        window = data.batch_at(tokens, next(it), batch, config.context, 0)
         start = time.perf_counter()
         loss, _, params, state = step_fn(params, state, ops.asarray(window[:, :-1], "int"),
                                          ops.asarray(window[:, 1:], "int"),
                                          ops.asarray(np.float32(1e-3)))
         t.materialize(ops, {"loss": loss}, params, state)
-        times.append(time.perf_counter() - start)
-    return {"first": sum(times[:warmup]),
-            "tokens_per_s": steps * batch * config.context / sum(times[warmup:])}
+        return time.perf_counter() - start
+    return step
+
+
+def train_rate(ops, config, tokens: np.ndarray, steps: int = 4, batch: int = 16,
+               warmup: int = 3) -> dict:
+    """Training tokens/s of the jitted step: `warmup` steps (trace, compile; timed apart as
+    "first"), then `steps` timed ones."""
+    step = train_stepper(ops, config, tokens, batch)
+    first = sum(step() for _ in range(warmup))
+    return {"first": first,
+            "tokens_per_s": steps * batch * config.context / sum(step() for _ in range(steps))}
 
 
 def train_rates(variants: list[Variant], name: str, steps: int) -> dict:
@@ -212,3 +219,38 @@ def ratios(variants: list[Variant]) -> list[tuple[str, float]]:
             out.append((f"{b} / {mlx} prefill",
                         prefill_rate(best[b][0]) / prefill_rate(best[mlx][0])))
     return out
+
+
+def fused_variants(ops_by_choice: dict, config, params: dict | None, name: str) -> list[Variant]:
+    """One routed variant per choice of fused ops (`moe-min bench generate --fused`), each
+    on the backend opened with that choice; same parameters, the backend's default skip."""
+    first = next(iter(ops_by_choice.values()))
+    params = params if params is not None else calibrated_params(first, config)
+    return [Variant(f"{ops.name}-{ops.device} {name} fused={choice}", ops, config, params,
+                    decode.default_skip(ops)) for choice, ops in ops_by_choice.items()]
+
+
+def fused_report(variants: list[Variant], echo, train_steps: int) -> None:
+    """Each variant's rates, then each over the first's: the fused ops' gain on this device."""
+    from moe_min.models import data
+
+    trained = [None] * len(variants)
+    if train_steps:  # round-robin, one step each, so a slow spell hits all alike
+        tokens = data.split(data.load_corpus(None))[0]
+        steppers = [train_stepper(v.ops, v.config, tokens) for v in variants]
+        for stepper in steppers:
+            [stepper() for _ in range(3)]  # trace and compile
+        seconds = [0.0] * len(variants)
+        for _ in range(train_steps):
+            for i, stepper in enumerate(steppers):
+                seconds[i] += stepper()
+        trained = [train_steps * 16 * v.config.context / s for v, s in zip(variants, seconds)]
+    for v, rate in zip(variants, trained):
+        echo(f"  {v.label:<44} prefill {prefill_rate(v):8.0f}  decode {decode_rate(v):7.1f}"
+             + (f"  train {rate:7.0f}" if rate else "") + "  tok/s")
+    base = variants[0]
+    for v, rate in zip(variants[1:], trained[1:]):
+        echo(f"  {v.label.split()[-1]} / {base.label.split()[-1]}: decode "
+             f"{decode_rate(v) / decode_rate(base):.2f}x, prefill "
+             f"{prefill_rate(v) / prefill_rate(base):.2f}x"
+             + (f", train {rate / trained[0]:.2f}x" if rate else ""))

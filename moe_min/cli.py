@@ -61,7 +61,8 @@ def info():
         caps = ops.caps
         click.echo(f"{name:<10} devices={','.join(caps.devices)} autodiff={caps.autodiff} "
                    f"jit={caps.jit} float64={caps.float64} "
-                   f"fast ops={','.join(fast_ops(ops)) or 'none'}")
+                   f"fast ops={','.join(fast_ops(ops)) or 'none'} "
+                   f"(used here: {','.join(getattr(ops, 'fused', fast_ops(ops))) or 'none'})")
         for key, value in (ops.info() if hasattr(ops, "info") else {}).items():
             click.echo(f"{'':<10} {key}: {value}")
 

@@ -80,8 +80,10 @@ def bench_matmul(backend, device, size):
 @click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
 @click.option("--train-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Also time this many jitted training steps per backend (batch 16).")
+@click.option("--fused", multiple=True, help="Instead: compare these choices of fused ops on "
+              "--backend (repeatable: all, none, default or a comma list; see moe-min info).")
 def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
-                   compare_mlx, train_steps):
+                   compare_mlx, train_steps, fused):
     """Prefill and decode tokens/s (batch 1) through the compiled static-shape steps, next to
     MLX and the same-shape dense model; first compiles timed apart (models/bench_generate.py)."""
     from moe_min import bench as b
@@ -98,6 +100,10 @@ def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, t
     pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
     click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
                f"per variant; {b.environment()}")
+    if fused:
+        ops = {choice: _backend(backend, device, fused=choice) for choice in fused}
+        variants = g.run(g.fused_variants(ops, config, params, name), prompt_len, tokens)
+        return g.fused_report(variants, click.echo, train_steps)
     variants = [v for p in pools for v in g.variants(_backend(*p), config, params, name, skip)]
     g.report(g.run(variants, prompt_len, tokens), click.echo,
              g.train_rates(variants, name, train_steps))

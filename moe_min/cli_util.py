@@ -8,9 +8,12 @@ import click
 from moe_min.ops import get_backend
 
 
-def backend(name: str, device: str | None):
+def backend(name: str, device: str | None, **options):
     try:
-        return get_backend(name, device)
+        return get_backend(name, device, **options)
+    except TypeError:  # a backend whose factory takes no such option
+        raise click.ClickException(f"backend {name!r} takes no option "
+                                   f"{', '.join(options)}") from None
     except (ValueError, ImportError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
 

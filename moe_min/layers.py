@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from moe_min import grouped
-from moe_min.ops import Array, Ops
+from moe_min.ops import Array, Ops, fast_op
 from moe_min.routing import Plan, activation, route
 from moe_min.spec import ExpertMLP, MixtureOfDepths, SoftMoE
 
@@ -95,33 +95,36 @@ def apply_soft(ops: Ops, expert_fn, x: Array, dispatch: Array, combine: Array, n
     return combine @ data(out)
 
 
-def rms_norm(ops: Ops, x: Array, gain: Array, eps: float) -> Array:
-    return x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+def rms_norm(ops: Ops, x: Array, gain: Array, eps: float, fused: bool = True) -> Array:
+    op = fast_op(ops, "rms_norm", fused)
+    return op(x, gain, eps) if op else \
+        x / ops.sqrt(ops.mean(x * x, axis=-1, keepdims=True) + eps) * gain
 
 
-def rope_angles(ops: Ops, positions: Array, dim: int, base: float) -> tuple[Array, Array]:
-    """cos and sin (B, 1, N, dim/2) of rotate-half RoPE at the given (true) positions (B, N),
-    computed once for the queries and keys of a block."""
-    B, N = positions.shape
+def rotate(ops: Ops, vs: list, positions: Array, base: float, fused: bool = True) -> list:
+    """Rotate-half RoPE of each v (B, H, N, Dh) in vs at the true positions (B, N); the
+    composite computes cos and sin once for all of them."""
+    op = fast_op(ops, "rope", fused)
+    if op:
+        return [op(v, positions, base) for v in vs]
+    (B, N), dim = positions.shape, vs[0].shape[-1]
     inv_freq = ops.asarray(base ** (-np.arange(dim // 2, dtype=np.float64) * 2 / dim))
     angle = ops.reshape(ops.astype(positions, "float"), (B, 1, N, 1)) * inv_freq
-    return ops.cos(angle), ops.sin(angle)
+    cos, sin, half = ops.cos(angle), ops.sin(angle), dim // 2
+    return [ops.concatenate([v[..., :half] * cos - v[..., half:] * sin,
+                             v[..., :half] * sin + v[..., half:] * cos], axis=-1) for v in vs]
 
 
-def rope(ops: Ops, v: Array, cos: Array, sin: Array) -> Array:
-    """Rotate-half RoPE: v (B, H, N, Dh) rotated by `rope_angles`."""
-    half = v.shape[-1] // 2
-    v1, v2 = v[..., :half], v[..., half:]
-    return ops.concatenate([v1 * cos - v2 * sin, v1 * sin + v2 * cos], axis=-1)
-
-
-def attention(ops: Ops, q, k, v, q_pos, k_pos, k_valid) -> Array:
+def attention(ops: Ops, q, k, v, q_pos, k_pos, k_valid, fused: bool = True) -> Array:
     """Softmax attention where a query sees valid keys at positions <= its own.
     q (B, H, Nq, Dh), k/v (B, H, Nk, Dh), q_pos (B, Nq), k_pos/k_valid (B, Nk)."""
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
-    scores = (q @ ops.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(q.shape[-1]))
     allowed = (ops.reshape(k_pos, (B, 1, 1, Nk)) <= ops.reshape(q_pos, (B, 1, Nq, 1))) & \
         ops.reshape(k_valid, (B, 1, 1, Nk))
+    op = fast_op(ops, "attention", fused)
+    if op:
+        return op(q, k, v, allowed)
+    scores = (q @ ops.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(q.shape[-1]))
     # a finite floor, not -inf: a padded query row must not turn into NaN (NaN·0 is NaN)
     return ops.softmax(ops.where(allowed, scores, -1e9), axis=-1) @ v
 
@@ -141,8 +144,7 @@ def block_branch(ops: Ops, block: dict, params: dict, h: Array, positions: Array
 
     normed = rms_norm(ops, h, params["block_norm1"], eps)
     q, k, v = (split(normed @ params[f"block_w{n}"]) for n in "qkv")
-    cos, sin = rope_angles(ops, positions, D // heads, block["rope_base"])
-    q, k = rope(ops, q, cos, sin), rope(ops, k, cos, sin)
+    q, k = rotate(ops, [q, k], positions, block["rope_base"])
     k, v, k_pos, k_valid = (k, v, positions, valid) if kv is None else kv(k, v, positions, valid)
     a = ops.transpose(attention(ops, q, k, v, positions, k_pos, k_valid), (0, 2, 1, 3))
     a = ops.reshape(a, (B, N, D)) @ params["block_wo"]

@@ -113,15 +113,43 @@ class Ops(Protocol):
 
 
 # Optional fused ops: a backend may provide them; the lowering uses one when present and its
-# composite otherwise, and the conformance rows of the cases that reach it hold it to the oracle.
+# composite otherwise (layers.py, grouped.py), and the conformance runner holds each to its
+# composite, forward and gradient (moe_min/conformance/fused.py).
 # grouped_mlp(x (N, D) sorted by expert, expert (N,), w1, w2, w3 | None, act) -> (N, D):
 #   each row through its expert's MLP (moe_min/grouped.py: dropless token choice at T·K work).
-FAST_OPS = ("grouped_mlp",)
+# rms_norm(x (..., D), gain (D,), eps) -> x / sqrt(mean(x², -1) + eps) · gain.
+# rope(v (B, H, N, Dh), positions (B, N) int, base) -> v rotated (rotate-half) at positions.
+# attention(q (B, H, Nq, Dh), k, v (B, H, Nk, Dh), allowed (B, 1, Nq, Nk) bool) ->
+#   softmax(where(allowed, q·kᵀ/√Dh, -1e9)) @ v; a row with no allowed key is padding: any
+#   finite value.
+FAST_OPS = ("grouped_mlp", "rms_norm", "rope", "attention")
 
 
 def fast_ops(ops) -> list[str]:
     """The optional fused ops a backend provides (`moe-min info`)."""
     return [name for name in FAST_OPS if callable(getattr(ops, name, None))]
+
+
+def fast_op(ops, name: str, fused: bool = True):
+    """The backend's fused op `name` if its lowering uses it (`ops.fused`: the ones it uses on
+    this device, default all it provides), else None: the composite runs (fused=False forces it)."""
+    use = fused and name in getattr(ops, "fused", FAST_OPS)
+    op = getattr(ops, name, None) if use else None
+    return op if callable(op) else None
+
+
+def choose_fused(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The fused ops a backend's lowering uses: value (else $MOE_MIN_FUSED, else `default`) is
+    "all", "none" or a comma-separated list of FAST_OPS."""
+    value = value if value is not None else os.environ.get("MOE_MIN_FUSED", "default")
+    if value in ("default", ""):
+        return default
+    names = {"all": FAST_OPS, "none": ()}.get(value, tuple(value.split(",")))
+    unknown = [n for n in names if n not in FAST_OPS]
+    if unknown:
+        raise ValueError(f"fused ops {value!r}: expected all, none, default or a comma-separated "
+                         f"list of {', '.join(FAST_OPS)}")
+    return names
 
 
 CONTRACT = tuple(

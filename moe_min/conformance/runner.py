@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_min.conformance import fused
 from moe_min.conformance.case import Case, case_paths, read_case
 from moe_min.layers import forward
-from moe_min.ops import missing_ops
+from moe_min.ops import fast_ops, missing_ops
 
 STATUSES = ("passed", "failed", "unsupported", "n/a")
 
@@ -95,9 +96,27 @@ class Runner:
         if not selected:  # a run of no case would pass vacuously
             raise ValueError(f"no case selected (--include {self.includes or '-'}, --exclude "
                              f"{[p for p, _ in self.excludes] or '-'}): nothing would be tested")
+        rows.extend(self.fused_rows())
         for path in selected:
             rows.extend(self.run_case(read_case(path)))
         return rows
+
+    def fused_rows(self) -> list[Row]:
+        """Each optional fused op the backend provides against its composite (fused.py)."""
+        rows = []
+        for name in fast_ops(self.ops):
+            try:
+                rows += [Row(f"fused {name}", quantity, *self._compare(got, want, tol))
+                         for quantity, got, want, tol in fused.comparisons(self.ops, name)]
+            except Exception as e:  # a broken fused op is a row, and the run goes on
+                rows.append(Row(f"fused {name}", "forward", None, None, "failed",
+                                f"{type(e).__name__}: {e}"))
+        return rows
+
+    @staticmethod
+    def _compare(got, want, tol) -> tuple:
+        error, ok, detail = compare(got, want, tol)
+        return error, tuple(tol), "passed" if ok else "failed", detail
 
     def run_case(self, case: Case) -> list[Row]:
         ops, tol, want = self.ops, case.meta["tolerance"], case.group("expect")
@@ -129,8 +148,7 @@ class Runner:
     def _row(self, case: Case, key: str, got, want, tol) -> Row:
         if got is None:
             return Row(case.name, key, None, tuple(tol), "failed", "backend returned nothing")
-        error, ok, detail = compare(self.ops.to_numpy(got), want, tol)
-        return Row(case.name, key, error, tuple(tol), "passed" if ok else "failed", detail)
+        return Row(case.name, key, *self._compare(self.ops.to_numpy(got), want, tol))
 
     def test_functions(self, prefix: str = "test_conformance") -> dict:
         """{name: test function} per case, for a backend's own pytest module."""
