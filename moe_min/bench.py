@@ -125,10 +125,15 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
 
 def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
           glu=False, repeat=5, seed=0, with_mlx_lm=True, scheme="token_choice",
-          capacity="1.0") -> list[Timing]:
-    """Time `layer_cases` (and mlx-lm's layer on MLX) side by side, round-robin."""
+          capacity="1.0", variants: dict | None = None) -> list[Timing]:
+    """Time `layer_cases` (and mlx-lm's layer on MLX) side by side, round-robin; `variants`
+    {label: ops}: the MoE layer also on the same backend opened otherwise (other fused ops)."""
     cases, missing = layer_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed,
                                  scheme, capacity)
+    for label, other in (variants or {}).items():
+        found, _ = layer_cases(other, tokens, dim, hidden, experts, top_k, activation, glu, seed,
+                               scheme, capacity)
+        cases.update({f"{k} [{label}]": f for k, f in found.items() if k.startswith("MoE")})
     if with_mlx_lm and scheme == "token_choice":
         found, why = mlx_lm_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)
         cases.update(found)
@@ -145,6 +150,8 @@ def ratios(timings: list[Timing]) -> list[tuple[str, float]]:
              *((f"MoE/mlx-lm {k}, fwd", f"mlx-lm {k} fwd", "MoE layer fwd") for k in SWITCH),
              *((f"MoE/mlx-lm {k}, fwd+bwd", f"mlx-lm {k} fwd+bwd", "MoE layer fwd+bwd")
                for k in SWITCH)]
+    labels = sorted({n[n.index(" ["):] for n in t if n.endswith("]")})
+    pairs += [(f"{label}{v}", a, f"{b}{v}") for v in labels for label, a, b in pairs[:2]]
     return [(label, t[a] / t[b]) for label, a, b in pairs if t.get(a) and t.get(b)]
 
 

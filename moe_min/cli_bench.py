@@ -36,8 +36,10 @@ def _print_timings(timings):
               type=click.Choice(["token_choice", "expert_choice", "soft_moe"]))
 @click.option("--capacity", default="1.0", show_default=True,
               help="Token choice: a capacity factor, or 'dropless'.")
+@click.option("--also-fused", multiple=True, help="Also time the MoE layer with these fused "
+              "ops (repeatable: all, none or a comma list; see moe-min info).")
 def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
-                scheme, capacity):
+                scheme, capacity, also_fused):
     """A routed layer (--scheme, --capacity) vs a dense MLP of equal active FLOPs, routing alone,
     and mlx-lm's SwitchMLP/SwitchGLU (MLX, bench extra, token choice), timed round-robin."""
     from moe_min import bench as b
@@ -47,8 +49,9 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
     _run_library(b.layer_spec, scheme, experts, top_k, capacity, tokens)  # one-line errors
     click.echo(f"{backend} on {ops.device}: {scheme} ({capacity if scheme == 'token_choice' else 'K'}"
                f") T={tokens} D={dim} H={hidden} E={experts} K={top_k} {act}; {b.environment()}")
+    others = {f"fused={c}": _backend(backend, device, fused=c) for c in also_fused}
     timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
-                      scheme=scheme, capacity=capacity)
+                      scheme=scheme, capacity=capacity, variants=others)
     _print_timings(timings)
     for label, value in b.ratios(timings):
         click.echo(f"  {label:<32} {value:6.2f}x")

@@ -16,9 +16,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_min.ops import Array, Ops, fast_ops
+from moe_min.ops import Array, Ops, fast_op, fast_ops
 from moe_min.routing import Plan, activation
 from moe_min.spec import ExpertMLP
+
+
+def take_rows(ops: Ops, x: Array, idx: Array, back=None) -> Array:
+    """ops.take(x, idx, axis=0); with the fused op (ops.py) and `back()` the inverse, its
+    gradient is a gather rather than a scatter-add. back is called only when used."""
+    op = fast_op(ops, "take_rows") if back is not None else None
+    return op(x, idx, back()) if op else ops.take(x, idx, axis=0)
+
+
+def slot_inverses(ops: Ops, plan: Plan, picks: Array, rows: int):
+    """For apply_slots' token-choice gathers, the `back` of take_rows: of the dispatch (padded
+    token row -> the expert-major rows holding it: its K picks, none for a dropped choice or a
+    padding row) and of the combine (expert-major row -> the one kept choice that picks it;
+    a spare row is read only by dropped choices, whose weight is 0). rows: E·(G·C + 1)."""
+    G, S, K = picks.shape
+    kept = ops.where(plan.choice_slot < plan.slot_token.shape[1] * plan.slot_token.shape[2],
+                     picks, rows)
+
+    def dispatch():
+        pad = ops.zeros((G, 1, K), "int") + rows
+        return ops.reshape(ops.concatenate([kept, pad], axis=1), (G * (S + 1), K))
+
+    def combine():
+        n = G * S * K
+        found = ops.scatter_add(ops.zeros((rows + 1,), "int"), ops.reshape(kept, (n,)),
+                                ops.arange(n) + 1, axis=0)[:rows]  # choice + 1, or 0
+        return ops.reshape(ops.where(found > 0, found - 1, n), (rows, 1))
+    return dispatch, combine
 
 
 def applies(ops: Ops, plan: Plan, group_tokens: int) -> bool:
@@ -44,8 +72,10 @@ def apply_grouped(ops: Ops, spec: ExpertMLP, params: dict, x: Array, plan: Plan)
     expert = ops.sum(ops.astype(slot >= bounds, "int"), axis=1)  # (N,) in (g, s, k) order
     order = ops.stop_gradient(ops.argsort(expert))  # stable: by expert, then (g, s, k)
     token = ops.take(ops.asarray(np.repeat(np.arange(G * S), K), "int"), order, axis=0)
-    rows = ops.take(ops.reshape(x, (G * S, D)), token, axis=0)
-    out = expert_mlp(ops, spec, params, rows, ops.take(expert, order, axis=0))
     back = ops.scatter_add(ops.zeros((N,), "int"), order, ops.arange(N), axis=0)  # inverse
-    picked = ops.reshape(ops.take(out, back, axis=0), (G, S, K, D))
+    # token t is read at the sorted positions of its K choices; sorted row i by choice order[i]
+    rows = take_rows(ops, ops.reshape(x, (G * S, D)), token, lambda: ops.reshape(back, (G * S, K)))
+    out = expert_mlp(ops, spec, params, rows, ops.take(expert, order, axis=0))
+    picked = ops.reshape(take_rows(ops, out, back, lambda: ops.reshape(order, (N, 1))),
+                         (G, S, K, D))
     return ops.sum(picked * ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)

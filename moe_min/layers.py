@@ -46,15 +46,18 @@ def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:
     rows = ops.concatenate([ops.reshape(ops.transpose(rows, (1, 0, 2)), (E, G * C)),
                             ops.zeros((E, 1), "int") + S], axis=1)  # + the spare: a zero row
     padded = ops.reshape(ops.concatenate([x, ops.zeros((G, 1, D))], axis=1), (G * (S + 1), D))
-    buffers = ops.take(padded, ops.reshape(rows, (E * (G * C + 1),)), axis=0)
-    out = expert_fn(ops.reshape(buffers, (E, G * C + 1, D)))
-    if plan.choice_slot is not None:  # gather: each token reads its K slots
-        K = plan.choice_slot.shape[-1]
+    flat_rows, backs = ops.reshape(rows, (E * (G * C + 1),)), (None, None)
+    if plan.choice_slot is not None:  # each token's K rows in the expert-major output
         picks = ops.take(ops.asarray(_slot_rows(G, E, C)),
                          plan.choice_slot + ops.reshape(ops.arange(G), (G, 1, 1)) * (E * C + 1),
                          axis=0)
-        picked = ops.take(ops.reshape(out, (E * (G * C + 1), D)),
-                          ops.reshape(picks, (G * S * K,)), axis=0)
+        backs = grouped.slot_inverses(ops, plan, picks, E * (G * C + 1))
+    buffers = grouped.take_rows(ops, padded, flat_rows, backs[0])
+    out = expert_fn(ops.reshape(buffers, (E, G * C + 1, D)))
+    if plan.choice_slot is not None:  # gather: each token reads its K slots
+        K = plan.choice_slot.shape[-1]
+        picked = grouped.take_rows(ops, ops.reshape(out, (E * (G * C + 1), D)),
+                                   ops.reshape(picks, (G * S * K,)), backs[1])
         return ops.sum(ops.reshape(picked, (G, S, K, D)) *
                        ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
     out = ops.reshape(out[:, :G * C], (E, G, C, D))

@@ -117,12 +117,17 @@ class Ops(Protocol):
 # composite, forward and gradient (moe_min/conformance/fused.py).
 # grouped_mlp(x (N, D) sorted by expert, expert (N,), w1, w2, w3 | None, act) -> (N, D):
 #   each row through its expert's MLP (moe_min/grouped.py: dropless token choice at T·K work).
+# take_rows(x (N, D), idx (M,), back (N, J)) -> take(x, idx, axis=0), whose gradient is a
+#   gather instead of a scatter: back lists, for each row of x, the positions of idx that read
+#   it, padded with M; the VJP is dx[n] = Σ_j g[back[n, j]] (g with a zero row M appended).
+#   A row read at a position back leaves out gets no gradient from it: callers leave out only
+#   positions whose cotangent is zero or rows that are padding, not x.
 # rms_norm(x (..., D), gain (D,), eps) -> x / sqrt(mean(x², -1) + eps) · gain.
 # rope(v (B, H, N, Dh), positions (B, N) int, base) -> v rotated (rotate-half) at positions.
 # attention(q (B, H, Nq, Dh), k, v (B, H, Nk, Dh), allowed (B, 1, Nq, Nk) bool) ->
 #   softmax(where(allowed, q·kᵀ/√Dh, -1e9)) @ v; a row with no allowed key is padding: any
 #   finite value.
-FAST_OPS = ("grouped_mlp", "rms_norm", "rope", "attention")
+FAST_OPS = ("grouped_mlp", "take_rows", "rms_norm", "rope", "attention")
 
 
 def fast_ops(ops) -> list[str]:

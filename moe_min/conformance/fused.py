@@ -65,7 +65,18 @@ def _grouped_mlp(rng):
     return arrays, call, None
 
 
-CHECKS = {"rms_norm": _rms_norm, "rope": _rope, "attention": _attention,
+def _take_rows(rng):
+    idx = np.array([4, 0, 4, 2, 0, 4, 5], np.int32)  # row 1 and 3 never read, 4 three times
+    back = np.full((6, 3), len(idx), np.int32)  # the whole inverse: every read listed
+    for n in range(6):
+        found = np.flatnonzero(idx == n)
+        back[n, :len(found)] = found
+    return {"x": rng.standard_normal((6, 5))}, lambda ops, fused, a: (
+        ops.take_rows(a["x"], ops.asarray(idx, "int"), ops.asarray(back, "int")) if fused
+        else ops.take(a["x"], ops.asarray(idx, "int"), axis=0)), None
+
+
+CHECKS = {"take_rows": _take_rows, "rms_norm": _rms_norm, "rope": _rope, "attention": _attention,
           "grouped_mlp": _grouped_mlp}
 
 
