@@ -25,7 +25,8 @@ def main():
 @click.option("--include", multiple=True, help="Regex on case names; repeatable.")
 @click.option("--exclude", multiple=True, help="Regex on case names; repeatable.")
 @click.option("--junit", type=click.Path(dir_okay=False), help="Write JUnit XML here.")
-@click.option("-v", "--verbose", is_flag=True, help="Show the worst element of every row.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show every row's detail: the worst element, of passing rows too.")
 def conform(backend, device, cases_dir, include, exclude, junit, verbose):
     """Run the conformance corpus against BACKEND; exit 1 on any failure."""
     from moe_min.conformance.runner import (Runner, failures, format_rows, summary,

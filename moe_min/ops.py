@@ -37,7 +37,10 @@ class Ops(Protocol):
     caps: Caps
 
     # conversion and creation
-    def asarray(self, x, dtype: str | None = None) -> Array: ...
+    def asarray(self, x, dtype: str | None = None) -> Array:
+        """x (a NumPy array, a Python scalar or list, or one of the backend's own arrays) as a
+        backend array. dtype=None keeps the kind: any float is "float", any signed or unsigned
+        int is "int", bool is "bool" (so NumPy float64 becomes the backend's float)."""
     def to_numpy(self, x: Array): ...
     def zeros(self, shape: tuple[int, ...], dtype: str = "float") -> Array: ...
     def arange(self, n: int) -> Array: ...  # int dtype
@@ -79,14 +82,17 @@ class Ops(Protocol):
 
     def take(self, x: Array, idx: Array, axis: int) -> Array:
         """NumPy's take: whole slices of x at the integer positions idx (any shape) along axis;
-        the cheap row gather that buffers and combines use."""
+        the cheap row gather that buffers and combines use. Indices are in [0, n): the
+        lowering never passes -1 (an empty slot reads an appended zero row instead)."""
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
         """NumPy's take_along_axis; idx has x's ndim and broadcasts on the other axes."""
 
     def scatter_add(self, x: Array, idx: Array, src: Array, axis: int) -> Array:
         """A copy of x with src[..., i, ...] added at idx[..., i, ...] along axis (idx and src
-        have one shape); repeated indices accumulate. Differentiable in x and src."""
+        have one shape, which is x's on every other axis; idx may be shorter or longer than x
+        along axis); repeated indices accumulate; indices in [0, n), never -1. Differentiable
+        in x and src."""
 
     def cumsum(self, x: Array, axis: int) -> Array: ...
     def stop_gradient(self, x: Array) -> Array: ...
@@ -108,8 +114,12 @@ class Ops(Protocol):
     def normal(self, shape: tuple[int, ...]) -> Array:
         """Standard-normal draws from the backend's seeded generator."""
 
-    def save(self, path: str, tensors: dict) -> None: ...
-    def load(self, path: str) -> dict: ...
+    def save(self, path: str, tensors: dict) -> None:
+        """One safetensors file at exactly `path` (F32/F64, I32/I64, BOOL, ...), readable by
+        any safetensors reader; moe_min.tensorio writes one with NumPy alone."""
+
+    def load(self, path: str) -> dict:
+        """{name: backend array} from a safetensors file, kinds kept (float, int)."""
 
 
 # Optional fused ops: a backend may provide them; the lowering uses one when present and its
