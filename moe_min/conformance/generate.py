@@ -158,7 +158,8 @@ def build(name: str, spec, *, seed: int, why: str, mode: str = "eval", B: int = 
         raise RuntimeError(f"{meta['name']}: no seed gave routing decisions with margin")
     tensors = {"input/x": x, "input/cotangent": cotangent,
                **{f"param/{k}": v for k, v in params.items()},
-               **{f"expect/{k}": np.asarray(v) for k, v in out.items()}}
+               **{f"expect/{k}": np.asarray(v) for k, v in out.items()
+                  if not k.startswith(oracle.LIBRARY_KEYS)}}
     if noise is not None:
         tensors["input/noise"] = noise
     meta = {k: v for k, v in meta.items() if not k.startswith("_")}
