@@ -213,9 +213,12 @@ def expert_fn(expert, params: dict, num_experts: int, model_dim: int):
             w3 = _param(params, "expert_w3", (E, D, H))
             return lambda e, h: (activation("silu", h @ w1[e]) * (h @ w3[e])) @ w2[e]
         return lambda e, h: activation(expert.activation, h @ w1[e]) @ w2[e]
-    if isinstance(expert, str) and expert in ("linear", "identity"):
-        w = _param(params, "expert_w1", (E, D, D)) if expert == "linear" else None
-        return (lambda e, h: h @ w[e]) if expert == "linear" else (lambda e, h: h)
+    kind = expert if isinstance(expert, str) else None
+    if kind == "identity":
+        return lambda e, h: h
+    if kind == "linear":
+        w = _param(params, "expert_w1", (E, D, D))
+        return lambda e, h: h @ w[e]
     if callable(expert):
         return lambda e, h: _user_output(expert(e, h), h, f"expert({e}, h)")
     raise ValueError(f"expert = {expert!r}: expected an ExpertMLP, 'linear', 'identity' or a "
@@ -295,7 +298,7 @@ def _total(*terms):
 
 
 # ----------------------------------------------------------------------------- token choice
-def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def token_choice(spec: TokenChoice, x, params: dict, expert, *, mode: str = "eval",
                  noise=None) -> dict:
     """Top-K token choice with capacity (routing_semantics.md §2)."""
     x, G, S, f = _prepare(spec, x, params, expert, mode, ("train", "eval"), "token_choice")
@@ -368,7 +371,7 @@ def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode:
 
 
 # ----------------------------------------------------------------------------- expert choice
-def expert_choice(spec: ExpertChoice, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def expert_choice(spec: ExpertChoice, x, params: dict, expert, *, mode: str = "eval",
                   noise=None, x_predictor=None) -> dict:
     """Each expert takes its top-C tokens of the group (arXiv:2202.09368 §3.2); causal mode
     decides each token alone (mod_and_predictor.md §7.4)."""
@@ -420,7 +423,7 @@ def _causal_aux(spec, router_logits, pred, targets, G):
 
 
 # ----------------------------------------------------------------------------- soft MoE
-def soft_moe(spec: SoftMoE, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def soft_moe(spec: SoftMoE, x, params: dict, expert, *, mode: str = "eval",
              noise=None) -> dict:
     """Soft MoE (vmoe `projects/soft_moe/router.py`, routing_semantics.md §4)."""
     x, G, S, f = _prepare(spec, x, params, expert, mode, ("train", "eval"), "soft_moe")
