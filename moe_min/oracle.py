@@ -1,12 +1,15 @@
 """Independent float64 NumPy oracle: the meaning of docs/conventions.md, written from the
 references (shared/reference/routing_semantics.md, mod_and_predictor.md), never from the
 lowering. Loops where loops are clearest. May import only math, numpy and moe_min.spec.
+It is also a library for others (docs/conventions.md, "The oracle as a library").
 
 Common arguments: `x` [B, T, D] or [T, D] (then B = 1 in every output); `params` name -> array
-(the conventions' names without `param/`); `expert` an ExpertMLP; `mode` "train" | "eval"
-(| "causal" for EC and MoD); `noise` the standard-normal draw, used only in train mode when the
-spec's noise is on; `x_predictor` the predictor's input (default x; the predictor loss depends
-on it alone). Bad input raises ValueError naming the value and the accepted range.
+(the conventions' names without `param/`); `expert` an ExpertMLP, "linear", "identity" or a
+callable f(e, h[N, D]) -> [N, D] (see `expert_fn`); `mode` "train" | "eval" (| "causal" for EC
+and MoD); `noise` the standard-normal draw, used only in train mode when the spec's noise is
+on; `x_predictor` the predictor's input (default x; the predictor loss depends on it alone).
+Predictor weights are needed only in causal mode: without them the predictor's loss and
+logits are not reported. Bad input raises ValueError naming the value and the accepted range.
 
 Keys returned (the conventions' `expect/` keys without the prefix):
 - token_choice: plan/slot_token, plan/slot_weight, y, aux/load_balance, aux/z_loss,
@@ -18,7 +21,10 @@ Keys returned (the conventions' `expect/` keys without the prefix):
 - soft_moe: plan/dispatch, plan/combine, y, aux/total (always 0: no aux loss, vmoe).
 - mixture_of_depths: the expert_choice keys with G = B, E = 1.
 Integer outputs are int64, the rest float64; aux/* are 0-d; stats/dropped and stats/unrouted
-are 0-d totals over all groups.
+are 0-d totals over all groups. Library keys, outside the corpus (LIBRARY_KEYS): router/logits
+[B, T, E] (the logits that route: noise included in train mode; Soft MoE [B, T, E*P], MoD
+[B, T, 1] = r), router/gates [B, T, E] (TC, EC; MoD: the combine weight r or sigmoid(r)), and
+group_aux/<name> [G] for each aux term but the total (aux/<name> is their mean).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from moe_min.spec import ExpertChoice, ExpertMLP, MixtureOfDepths, Predictor, So
 # - MoD block MLP: `act(u @ block_w1) @ block_w2`; glu is refused (no block_w3 in the table).
 
 F64 = np.float64
+LIBRARY_KEYS = ("router/", "group_aux/")  # returned for callers, not stored in the corpus
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -84,10 +91,10 @@ def _logsumexp(z, axis):
     return np.squeeze(m, axis) + np.log(np.sum(np.exp(z - m), axis=axis))
 
 
-def _bce(logits, targets) -> float:
-    """Mean binary cross-entropy with logits, in the stable form max(z,0) - z t + log1p(e^-|z|)."""
+def _bce(logits, targets):
+    """Binary cross-entropy with logits per element, stable: max(z,0) - z t + log1p(e^-|z|)."""
     z = logits
-    return float(np.mean(np.maximum(z, 0.0) - z * targets + np.log1p(np.exp(-np.abs(z)))))
+    return np.maximum(z, 0.0) - z * targets + np.log1p(np.exp(-np.abs(z)))
 
 
 def _cv2(v) -> float:
@@ -185,43 +192,64 @@ def _groups(spec, B, T):
 
 
 def _prepare(spec, x, params, expert, mode, modes, scheme):
-    """Shared checks of TC, EC and Soft MoE: mode, x, expert weights, groups -> x, G, S."""
+    """Shared checks of TC, EC and Soft MoE: mode, x, the expert, groups -> x, G, S, f."""
     if mode not in modes:
         raise ValueError(f"{scheme}: mode = {mode!r}: expected one of {', '.join(modes)}")
     x = _tokens(x)
     B, T, D = x.shape
-    E, H = spec.num_experts, expert.hidden
-    for name, shape in [("w1", (E, D, H)), ("w2", (E, H, D))] + expert.glu * [("w3", (E, D, H))]:
-        _param(params, f"expert_{name}", shape)
-    return (x, *_groups(spec, B, T))
+    return (x, *_groups(spec, B, T), expert_fn(expert, params, spec.num_experts, D))
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def expert_mlp(expert: ExpertMLP):
-    """f(e, h[N, D], params) -> [N, D]: act(h @ w1[e]) @ w2[e], or SwiGLU when `glu`."""
-    def f(e: int, h, params) -> np.ndarray:
-        h = np.asarray(h, F64)
-        w1, w2 = (np.asarray(params[f"expert_{n}"][e], F64) for n in ("w1", "w2"))
+def expert_fn(expert, params: dict, num_experts: int, model_dim: int):
+    """f(e, h[N, D]) -> [N, D], expert e's function. `expert` is an ExpertMLP (act(h @ w1[e]) @
+    w2[e], or SwiGLU when `glu`), "linear" (h @ expert_w1[e], w1 [E, D, D]), "identity" (h; no
+    parameters) or a callable f(e, h) of the caller's, whose output must be finite and [N, D]."""
+    E, D = num_experts, model_dim
+    if isinstance(expert, ExpertMLP):
+        H = expert.hidden
+        w1, w2 = _param(params, "expert_w1", (E, D, H)), _param(params, "expert_w2", (E, H, D))
         if expert.glu:
-            w3 = np.asarray(params["expert_w3"][e], F64)
-            return (activation("silu", h @ w1) * (h @ w3)) @ w2
-        return activation(expert.activation, h @ w1) @ w2
-    return f
+            w3 = _param(params, "expert_w3", (E, D, H))
+            return lambda e, h: (activation("silu", h @ w1[e]) * (h @ w3[e])) @ w2[e]
+        return lambda e, h: activation(expert.activation, h @ w1[e]) @ w2[e]
+    kind = expert if isinstance(expert, str) else None
+    if kind == "identity":
+        return lambda e, h: h
+    if kind == "linear":
+        w = _param(params, "expert_w1", (E, D, D))
+        return lambda e, h: h @ w[e]
+    if callable(expert):
+        return lambda e, h: _user_output(expert(e, h), h, f"expert({e}, h)")
+    raise ValueError(f"expert = {expert!r}: expected an ExpertMLP, 'linear', 'identity' or a "
+                     "callable f(e, h[N, D]) -> [N, D]")
 
 
-def _apply_slots(f, params, xg, slot_token, slot_weight):
+def _user_output(out, like, what):
+    """A caller's function must map rows to rows of the same width, finite."""
+    out = np.asarray(out, F64)
+    if out.shape != like.shape:
+        raise ValueError(f"{what} returned shape {out.shape}: expected {like.shape} (its input's)")
+    _finite(out, f"{what}'s output")
+    return out
+
+
+def _apply_slots(f, xg, slot_token, slot_weight):
     """y[g, s] = sum over the slots (e, c) holding s of weight * expert_e(x[g, s])."""
     y = np.zeros_like(xg)
     for g, e in np.ndindex(slot_token.shape[:2]):
         full = slot_token[g, e] >= 0  # empty slots add nothing
         toks = slot_token[g, e][full]
         if toks.size:
-            np.add.at(y[g], toks, slot_weight[g, e][full][:, None] * f(e, xg[g, toks], params))
+            np.add.at(y[g], toks, slot_weight[g, e][full][:, None] * f(e, xg[g, toks]))
     return y
 
 
-def _predictor_logits(pred, params, xp, out):
-    """act(h @ w1 + b1) @ w2 + b2 -> [B, T, out] (docs/conventions.md, Parameters)."""
+def _predictor_logits(pred, params, xp, out, mode):
+    """act(h @ w1 + b1) @ w2 + b2 -> [B, T, out] (docs/conventions.md, Parameters); None
+    without a predictor, or outside causal mode when its weights are not given."""
+    if pred is None or (mode != "causal" and "predictor_w1" not in params):
+        return None
     D = xp.shape[-1]
     hp = predictor_width(pred, D)
     w1, b1 = _param(params, "predictor_w1", (D, hp)), _param(params, "predictor_b1", (hp,))
@@ -270,10 +298,10 @@ def _total(*terms):
 
 
 # ----------------------------------------------------------------------------- token choice
-def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def token_choice(spec: TokenChoice, x, params: dict, expert, *, mode: str = "eval",
                  noise=None) -> dict:
     """Top-K token choice with capacity (routing_semantics.md §2)."""
-    x, G, S = _prepare(spec, x, params, expert, mode, ("train", "eval"), "token_choice")
+    x, G, S, f = _prepare(spec, x, params, expert, mode, ("train", "eval"), "token_choice")
     (B, T, D), E, K = x.shape, spec.num_experts, spec.top_k
     w = _param(params, "router_w", (D, E))
     noisy = mode == "train" and spec.noise != "none"
@@ -317,8 +345,8 @@ def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode:
         # Load balance: f from the top-K choices before capacity (top-1 = first max on ties).
         p = gates[g].mean(0)
         ks = range(K) if spec.load_balance_counting == "all_k" else range(1)
-        f = sum(np.bincount(choice[:, k], minlength=E) / S for k in ks)
-        lb.append(E * float(np.sum(f * p)))
+        share = sum(np.bincount(choice[:, k], minlength=E) / S for k in ks)
+        lb.append(E * float(np.sum(share * p)))
         z.append(float(np.mean(_logsumexp(lg[g], -1) ** 2)))  # ST-MoE, on the clean logits
         imp.append(_cv2(clean[g].sum(0)))  # V-MoE: clean gates
         if noisy and spec.noise == "additive":  # V-MoE load loss (§2.4)
@@ -327,11 +355,14 @@ def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode:
             load.append(_cv2(prob.mean(0)))
         else:
             load.append(0.0)
-    y = _apply_slots(expert_mlp(expert), params, x.reshape(G, S, D), slot_token, slot_weight)
+    y = _apply_slots(f, x.reshape(G, S, D), slot_token, slot_weight)
     aux = {"load_balance": (spec.load_balance_coef, lb), "z_loss": (spec.z_loss_coef, z),
            "importance": (spec.importance_coef, imp), "load": (spec.load_coef, load)}
     out = {"plan/slot_token": slot_token, "plan/slot_weight": slot_weight,
-           "y": y.reshape(B, T, D)}  # per group, then the mean over groups (§2.4)
+           "y": y.reshape(B, T, D), "router/logits": route_logits,
+           "router/gates": gates.reshape(B, T, E)}
+    # per group, then the mean over groups (§2.4)
+    out.update({f"group_aux/{k}": np.asarray(v, F64) for k, (_, v) in aux.items()})
     out.update({f"aux/{k}": np.asarray(np.mean(v), F64) for k, (_, v) in aux.items()})
     out["aux/total"] = _total(*[(c, np.mean(v)) for c, v in aux.values()])
     out.update(_stats(slot_token, B, T))
@@ -340,12 +371,12 @@ def token_choice(spec: TokenChoice, x, params: dict, expert: ExpertMLP, *, mode:
 
 
 # ----------------------------------------------------------------------------- expert choice
-def expert_choice(spec: ExpertChoice, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def expert_choice(spec: ExpertChoice, x, params: dict, expert, *, mode: str = "eval",
                   noise=None, x_predictor=None) -> dict:
     """Each expert takes its top-C tokens of the group (arXiv:2202.09368 §3.2); causal mode
     decides each token alone (mod_and_predictor.md §7.4)."""
-    x, G, S = _prepare(spec, x, params, expert, mode, ("train", "eval", "causal"),
-                       "expert_choice")
+    x, G, S, f = _prepare(spec, x, params, expert, mode, ("train", "eval", "causal"),
+                          "expert_choice")
     xp = x if x_predictor is None else _tokens(x_predictor, "x_predictor", like=x)
     (B, T, D), E = x.shape, spec.num_experts
     w = _param(params, "router_w", (D, E))
@@ -358,37 +389,44 @@ def expert_choice(spec: ExpertChoice, x, params: dict, expert: ExpertMLP, *, mod
     # Slot c of expert e holds its c-th highest gate over the group's tokens, ties lower token.
     slot_token = _top_in_order(np.swapaxes(gates, 1, 2), capacity(spec, S))
     _, targets = _sparse_plan(slot_token, gates)  # predictor targets: the top-C plan
-    pred = _predictor_logits(spec.predictor, params, xp, E) if spec.predictor else None
+    pred = _predictor_logits(spec.predictor, params, xp, E, mode)
     if mode == "causal":  # chosen iff predictor logit > threshold, or router logit > 0
         decide = pred > spec.predictor.threshold if spec.causal == "predictor" else logits > 0
         slot_token = _causal_slots(decide.reshape(G, S, E))
     slot_weight, _ = _sparse_plan(slot_token, gates)  # the gate, not renormalised (§3)
-    y = _apply_slots(expert_mlp(expert), params, x.reshape(G, S, D), slot_token, slot_weight)
+    y = _apply_slots(f, x.reshape(G, S, D), slot_token, slot_weight)
     out = {"plan/slot_token": slot_token, "plan/slot_weight": slot_weight,
-           "y": y.reshape(B, T, D)}
-    out.update(_causal_aux(spec, logits, pred, targets.reshape(B, T, E)))
+           "y": y.reshape(B, T, D), "router/logits": route_logits,
+           "router/gates": gates.reshape(B, T, E)}
+    out.update(_causal_aux(spec, logits, pred, targets.reshape(B, T, E), G))
     out.update(_stats(slot_token, B, T))
     return out
 
 
-def _causal_aux(spec, router_logits, pred, targets):
-    """Predictor BCE on stop-gradient input and router BCE (clean logits), mean over all."""
-    out = {"aux/predictor": np.asarray(0.0 if pred is None else _bce(pred, targets), F64),
-           "aux/router_bce": np.asarray(_bce(router_logits, targets), F64)}
-    coef = spec.predictor.loss_coef if spec.predictor else 0.0
-    out["aux/total"] = _total((coef, float(out["aux/predictor"])),
-                              (spec.router_bce_coef, float(out["aux/router_bce"])))
-    if pred is not None:
+def _causal_aux(spec, router_logits, pred, targets, G):
+    """Router BCE (clean logits) and predictor BCE (stop-gradient input), means over all
+    tokens and outputs, and per group. Without a predictor its loss is 0; with one but no
+    weights (allowed outside causal mode) it is not reported, and aux/total leaves it out."""
+    terms = {"router_bce": (spec.router_bce_coef, _bce(router_logits, targets))}
+    if spec.predictor is None:
+        terms["predictor"] = (0.0, np.zeros(targets.shape))
+    elif pred is not None:
+        terms["predictor"] = (spec.predictor.loss_coef, _bce(pred, targets))
+    out = {f"aux/{k}": np.asarray(np.mean(v), F64) for k, (_, v) in terms.items()}
+    out.update({f"group_aux/{k}": v.reshape(G, -1).mean(1) for k, (_, v) in terms.items()})
+    out["aux/total"] = _total(*[(c, float(np.mean(v))) for c, v in terms.values()])
+    if spec.predictor is not None:
         out["predictor/targets"] = targets
+    if pred is not None:
         out["predictor/logits"] = pred
     return out
 
 
 # ----------------------------------------------------------------------------- soft MoE
-def soft_moe(spec: SoftMoE, x, params: dict, expert: ExpertMLP, *, mode: str = "eval",
+def soft_moe(spec: SoftMoE, x, params: dict, expert, *, mode: str = "eval",
              noise=None) -> dict:
     """Soft MoE (vmoe `projects/soft_moe/router.py`, routing_semantics.md §4)."""
-    x, G, S = _prepare(spec, x, params, expert, mode, ("train", "eval"), "soft_moe")
+    x, G, S, f = _prepare(spec, x, params, expert, mode, ("train", "eval"), "soft_moe")
     (B, T, D), E, P = x.shape, spec.num_experts, capacity(spec, S)
     mu = _param(params, "slot_mu", (D, E, P))
     xg = x.reshape(G, S, D)
@@ -410,12 +448,11 @@ def soft_moe(spec: SoftMoE, x, params: dict, expert: ExpertMLP, *, mode: str = "
     combine = _softmax(logits, 2)  # [G, S, E*P]: over all slots jointly
     round_ = _bf16 if spec.round_bf16 else (lambda a: a)
     slots = np.einsum("gns,gsd->gnd", dispatch, round_(xg))  # slots get the raw x
-    f = expert_mlp(expert)
-    outs = np.concatenate([f(e, slots[:, e * P:(e + 1) * P].reshape(G * P, D), params)
+    outs = np.concatenate([f(e, slots[:, e * P:(e + 1) * P].reshape(G * P, D))
                            .reshape(G, P, D) for e in range(E)], axis=1)
     y = np.einsum("gsn,gnd->gsd", combine, round_(outs))
     return {"plan/dispatch": dispatch, "plan/combine": combine, "y": y.reshape(B, T, D),
-            "aux/total": np.asarray(0.0, F64)}
+            "aux/total": np.asarray(0.0, F64), "router/logits": logits.reshape(B, T, E * P)}
 
 
 # ----------------------------------------------------------------------------- mixture of depths
@@ -466,10 +503,20 @@ def block_branch(block: dict, params: dict, h, positions) -> np.ndarray:
     return a + activation(mlp.activation, _rms(h + a, p["norm2"], eps) @ p["w1"]) @ p["w2"]
 
 
-def mixture_of_depths(spec: MixtureOfDepths, x, params: dict, block: dict, *,
-                      mode: str = "eval", x_predictor=None) -> dict:
+def _branch(block, params, D):
+    """MoD's f(h, positions): the caller's callable, or the conventions' block, whose
+    parameters are checked now, so that they fail even when nothing is routed."""
+    if callable(block):
+        return lambda h, pos: _user_output(block(h, pos), h, "block(h, positions)")
+    _block_params(block, params, D)
+    return lambda h, pos: block_branch(block, params, h, pos)
+
+
+def mixture_of_depths(spec: MixtureOfDepths, x, params: dict, block, *, mode: str = "eval",
+                      x_predictor=None) -> dict:
     """Top-k tokens of each sequence by r = x . w go through the block (arXiv:2404.02258 §3.4);
-    causal mode decides each token alone (§3.5)."""
+    causal mode decides each token alone (§3.5). `block`: the block dict of the conventions,
+    or a callable f(h[k, D], positions[k]) -> [k, D] of the caller's (the branch, no residual)."""
     modes = ("train", "eval", "causal")
     if mode not in modes:
         raise ValueError(f"mixture_of_depths: mode = {mode!r}: expected one of {', '.join(modes)}")
@@ -477,13 +524,13 @@ def mixture_of_depths(spec: MixtureOfDepths, x, params: dict, block: dict, *,
     xp = x if x_predictor is None else _tokens(x_predictor, "x_predictor", like=x)
     B, T, D = x.shape
     r = x @ _param(params, "router_w", (D,))  # [B, T]
-    _block_params(block, params, D)  # bad block parameters fail even when nothing is routed
+    branch = _branch(block, params, D)
     _finite(r, "router logits")
     # Per sequence (G = B, E = 1): the top-k by r, ties lower index, kept in time order (P4).
     slot_token = np.sort(_top_in_order(r[:, None, :], capacity(spec, T)), axis=-1)
     weight = (r if spec.weight == "raw" else _sigmoid(r))[..., None]  # [B, T, 1]
     _, targets = _sparse_plan(slot_token, weight)  # per row, never flattened (P7)
-    pred = _predictor_logits(spec.predictor, params, xp, 1) if spec.predictor else None
+    pred = _predictor_logits(spec.predictor, params, xp, 1, mode)
     if mode == "causal":
         decide = pred > spec.predictor.threshold if spec.causal == "predictor" else r[..., None] > 0
         slot_token = _causal_slots(decide)
@@ -492,9 +539,10 @@ def mixture_of_depths(spec: MixtureOfDepths, x, params: dict, block: dict, *,
     for b in range(B):
         idx = slot_token[b, 0][slot_token[b, 0] >= 0]
         if idx.size:  # attention only among the chosen, at their true positions (P10)
-            f = block_branch(block, params, x[b, idx], idx)
+            f = branch(x[b, idx], idx)
             y[b, idx] = x[b, idx] + weight[b, idx] * f  # residual added once (P6)
-    out = {"plan/slot_token": slot_token, "plan/slot_weight": slot_weight, "y": y}
-    out.update(_causal_aux(spec, r[..., None], pred, targets))
+    out = {"plan/slot_token": slot_token, "plan/slot_weight": slot_weight, "y": y,
+           "router/logits": r[..., None], "router/gates": weight}
+    out.update(_causal_aux(spec, r[..., None], pred, targets, B))
     out.update(_stats(slot_token, B, T))
     return out

@@ -184,9 +184,11 @@ class TokenChoice(_Spec):
             _fail(self, "top_k", self.top_k, f"1 <= top_k <= num_experts ({self.num_experts})")
         _validate_capacity(self)
         _validate_group(self)
-        self._positive("noise_std")
-        if not 0 < self.jitter_eps < 1:
-            _fail(self, "jitter_eps", self.jitter_eps, "0 < jitter_eps < 1")
+        _validate_noise_std(self)
+        jitter = self.noise == "jitter"  # unused without jitter: 0 is then allowed
+        if not (0 < self.jitter_eps < 1 if jitter else 0 <= self.jitter_eps < 1):
+            _fail(self, "jitter_eps", self.jitter_eps, "0 < jitter_eps < 1 when noise='jitter'"
+                  if jitter else "0 <= jitter_eps < 1")
         for name in ("load_balance_coef", "z_loss_coef", "importance_coef", "load_coef"):
             self._at_least(name, 0.0)
         if self.load_coef > 0 and self.noise != "additive":
@@ -210,6 +212,13 @@ def _validate_capacity(spec):
 def _validate_group(spec):
     if (spec.group == "fixed") != (spec.group_size > 0):
         _fail(spec, "group_size", spec.group_size, "> 0 exactly when group='fixed'")
+
+
+def _validate_noise_std(spec):
+    """noise_std scales additive noise only: > 0 with it, and unused (any value >= 0) without."""
+    if spec.noise == "additive" and not spec.noise_std > 0:
+        _fail(spec, "noise_std", spec.noise_std, "> 0 when noise='additive'")
+    spec._at_least("noise_std", 0.0)
 
 
 def _validate_causal(spec):
@@ -253,7 +262,7 @@ class ExpertChoice(_Spec):
         self._at_least("num_experts", 1)
         _validate_capacity(self)
         _validate_group(self)
-        self._positive("noise_std")
+        _validate_noise_std(self)
         _validate_causal(self)
 
     def slots(self, group_tokens: int) -> int:

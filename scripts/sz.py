@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Line budget, after tinygrad's sz.py: logical lines (no blank lines, no comment-only lines, no
 docstrings) per .py file, a table with each file's budget, totals per directory. Exits 1 when a
-file is over its budget or the routing core (spec + routing + layers + oracle) is over 1000.
+file is over its budget or the routing core (spec + routing + layers + oracle) is over its budget.
 Budgets: STYLE.md §2.1. scripts/ and tests/ are counted for information only.
 Usage: python scripts/sz.py [ROOT]   (ROOT defaults to the repo holding this script)
 """
@@ -19,7 +19,7 @@ BUDGETS = {
     "moe_min/ops.py": 180,
     "moe_min/routing.py": 280,
     "moe_min/layers.py": 150,
-    "moe_min/oracle.py": 350,
+    "moe_min/oracle.py": 380,  # 350, +30: a library too (expert kinds, callables, router keys)
     "moe_min/helpers.py": 80,
     "moe_min/cli.py": 200,
     "moe_min/conformance/case.py": 120,
@@ -33,7 +33,7 @@ BUDGETS = {
 }
 BACKEND_BUDGET, DEFAULT_BUDGET = 400, 400  # backends/ops_*.py; any other file
 CORE = ("moe_min/spec.py", "moe_min/routing.py", "moe_min/layers.py", "moe_min/oracle.py")
-CORE_BUDGET = 1000
+CORE_BUDGET = 1030  # 1000, +20: the oracle as a library (issue 12), +10: the fused-op paths (layers)
 BUDGETED_DIRS, INFO_DIRS = ("moe_min", "backends", "models"), ("scripts", "tests")
 NOT_CODE = {
     tokenize.COMMENT,

@@ -29,6 +29,18 @@ def _tie_experts(rng, x, params):  # experts 0 and 2 score every token the same
     params["router_w"][:, 2] = params["router_w"][:, 0]
 
 
+def _dup_best_token(rng, x, params):  # the highest top-1 gate twice: a BPR tie at the front
+    logits = x[0] @ params["router_w"]
+    gates = np.exp(logits - logits.max(-1, keepdims=True))
+    best = int(np.argmax((gates / gates.sum(-1, keepdims=True)).max(-1)))
+    x[:, (best + 3) % x.shape[1]] = x[:, best]
+
+
+def _tie_at_the_cut(rng, x, params):  # MoD, k = 3: the 3rd and 4th router scores are equal
+    order = np.argsort(-(x[0] @ params["router_w"]), kind="stable")
+    x[:, order[3]] = x[:, order[2]]
+
+
 def _zero_and_tiny(rng, x, params):
     x[:, 0] = 0.0
     x[:, 3] *= 1e-4
@@ -103,6 +115,20 @@ def token_choice_cases():
     for act in ("gelu", "gelu_tanh", "silu"):
         yield build(f"k2_act-{act}", _tc(), expert=ExpertMLP(hidden=6, activation=act),
                     seed=25, why=f"{act} experts")
+    yield build("k2_no-noise_lb0_train", _tc(capacity_factor=0.75, load_balance_coef=0.0),
+                mode="train", seed=26, why="training without noise routes as in evaluation; "
+                "a zero coefficient leaves its term out of aux/total")
+    yield build("k2_noise-additive-std2_train", _tc(noise="additive", noise_std=2.0),
+                mode="train", seed=27, why="V-MoE noise at twice the default scale: sigma = 2/E")
+    yield build("k2_noise-jitter_train", _tc(noise="jitter"), mode="train", seed=28,
+                why="Switch's default jitter, eps 0.01: small, yet it moves the gates")
+    yield build("k2_ties_experts_drop-score", _tc(capacity_factor=0.75, drop_priority="score"),
+                inputs=_tie_experts, ties=True, seed=29,
+                why="tied experts under BPR: the lower expert index still wins the top-k")
+    yield build("k1_ties_best-tokens_drop-score", _tc(top_k=1, capacity="fixed",
+                expert_capacity=1, drop_priority="score"), inputs=_dup_best_token, ties=True,
+                seed=13, why="the two highest top-1 gates are equal and want the same single "
+                "slot: the stable BPR sort gives it to the earlier token")
 
 
 def expert_choice_cases():
@@ -134,6 +160,15 @@ def expert_choice_cases():
                 why="predictor width, activation, threshold and coefficient knobs")
     yield build("no-predictor_eval", _ec(predictor=None, causal="router", router_bce_coef=1.0),
                 seed=43, why="an encoder-style EC layer without a predictor")
+    yield build("one-expert", _ec(num_experts=1, capacity_factor=0.5), seed=44,
+                why="one expert: every gate is exactly 1, so the top-C is the first C tokens")
+    yield build("cf0.25_min-capacity2", _ec(capacity_factor=0.25, min_capacity=2), seed=45,
+                why="ceil(6*0.25/3) = 1 slot, clamped up to min_capacity = 2")
+    yield build("noise-additive_cf0.5_train", _ec(noise="additive", capacity_factor=0.5),
+                mode="train", seed=46, why="default noise scale (sigma = 1/E) with C = 1: the "
+                "noisy gates pick each expert's one token")
+    yield build("round_half-even_3.5", _ec(capacity_rounding="round", capacity_factor=1.75),
+                seed=47, why="6*1.75/3 = 3.5 rounds half-to-even up to 4")
 
 
 def soft_moe_cases():
@@ -161,6 +196,12 @@ def soft_moe_cases():
                 why="fixed groups of 3 tokens: slots never mix across a group")
     yield build("glu", SoftMoE(**soft), expert=ExpertMLP(hidden=6, activation="silu", glu=True),
                 seed=59, why="SwiGLU experts")
+    yield build("one-expert_train", SoftMoE(num_experts=1), mode="train", seed=61,
+                why="one expert, one slot; training mode with noise_std 0 adds no noise")
+    yield build("factor1_half-even_2.5", SoftMoE(num_experts=2, slots="factor"), T=5, seed=62,
+                why="P = round(5*1.0/2) = round(2.5) = 2 (half-to-even)")
+    yield build("factor1_half-even_3.5", SoftMoE(num_experts=2, slots="factor"), T=7, seed=63,
+                why="P = round(7*1.0/2) = round(3.5) = 4 (half-to-even)")
 
 
 def mixture_of_depths_cases():
@@ -184,6 +225,19 @@ def mixture_of_depths_cases():
                 expert=mlp, why="floor(0.6) = 0 clamped up to min_tokens = 2")
     yield build("gelu_heads1", MixtureOfDepths(capacity=0.5), T=6, heads=1, seed=78,
                 expert=ExpertMLP(hidden=8, activation="gelu"), why="one head, exact GELU MLP")
+    yield build("cap0.125_T8", MixtureOfDepths(), T=8, seed=79, expert=mlp,
+                why="the defaults: k = floor(0.125*8) = 1 of 8, the paper's best capacity")
+    yield build("cap0.3_floor", MixtureOfDepths(capacity=0.3, predictor=Predictor(
+                activation="gelu")), T=6, seed=80, expert=mlp,
+                why="k = floor(1.8) = 1; a GELU predictor")
+    yield build("cap0.5_ceil_exact", MixtureOfDepths(capacity=0.5, capacity_rounding="ceil",
+                predictor=Predictor(activation="gelu_tanh")), T=6, seed=81, expert=mlp,
+                why="k = ceil(3.0) = 3: an exact product is not rounded up; a tanh-GELU predictor")
+    yield build("cap0.5_round_2.5", MixtureOfDepths(capacity=0.5, capacity_rounding="round"),
+                T=5, seed=82, expert=mlp, why="k = round(2.5) = 2 (half-to-even)")
+    yield build("ties_at-the-cut", MixtureOfDepths(capacity=0.5), inputs=_tie_at_the_cut,
+                ties=True, T=6, seed=83, expert=mlp,
+                why="the 3rd and 4th router scores are equal and k = 3: the lower index is in")
 
 
 def all_cases():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_min import oracle
-from moe_min.conformance.case import CASES_DIR, Case
+from moe_min.conformance.case import CASES_DIR, TOLERANCE_BOUNDS, Case, quantity_kind
 from moe_min.spec import ExpertChoice, ExpertMLP, MixtureOfDepths, SoftMoE, TokenChoice
 
 VERSION = 1
@@ -21,14 +21,11 @@ SCHEMES = {TokenChoice: "token_choice", ExpertChoice: "expert_choice", SoftMoE: 
            MixtureOfDepths: "mixture_of_depths"}
 
 
-def tolerance_for(key: str) -> list[float]:
-    """[rtol, atol] for a float32 backend: |got - want| <= atol + rtol·|want|. Integer
-    decisions are exact; gradients are looser (float32 autodiff vs float64 differences)."""
-    if key in ("plan/slot_token", "predictor/targets") or key.startswith("stats/"):
-        return [0.0, 0.0]
-    if key.startswith("grad/"):
-        return [2e-3, 2e-4]
-    return [2e-4, 2e-5]
+def tolerance_for(scheme: str, key: str) -> list[float]:
+    """[rtol, atol] for a float32 backend: |got - want| <= atol + rtol·|want|. Each case
+    gets its bound in TOLERANCE_BOUNDS: decisions exact, gradients looser (float32 autodiff
+    against float64 differences)."""
+    return list(TOLERANCE_BOUNDS[scheme][quantity_kind(key)])
 
 
 def _params(rng, spec, B: int, T: int, D: int, expert: ExpertMLP, block, router_scale: float):
@@ -63,8 +60,9 @@ def _params(rng, spec, B: int, T: int, D: int, expert: ExpertMLP, block, router_
     return p
 
 
-def _run_oracle(case_spec, meta, x, params, noise, x_predictor=None) -> dict:
-    mode, expert, block = meta["mode"], meta.get("_expert"), meta.get("_block")
+def run_oracle(case_spec, call: dict, x, params, noise, x_predictor=None) -> dict:
+    """The oracle on one case's arrays; `call` holds its `mode`, `expert` and (MoD) `block`."""
+    mode, expert, block = call["mode"], call.get("expert"), call.get("block")
     if isinstance(case_spec, TokenChoice):
         return oracle.token_choice(case_spec, x, params, expert, mode=mode, noise=noise)
     if isinstance(case_spec, ExpertChoice):
@@ -85,7 +83,7 @@ def _decisions(out: dict):
     return out.get("plan/slot_token")
 
 
-def _gradients(spec, meta, x, params, noise, cotangent, decided) -> dict:
+def _gradients(spec, call, x, params, noise, cotangent, decided) -> dict:
     """Central differences of the scalar loss in every element of x and of each float param;
     raises FlipError if any step changes a routing decision."""
     x_predictor = x.copy()  # the predictor's input is stop-gradient: hold it fixed
@@ -97,7 +95,7 @@ def _gradients(spec, meta, x, params, noise, cotangent, decided) -> dict:
             old, values = array[i], []
             for step in (STEP, -STEP):
                 array[i] = old + step
-                out = _run_oracle(spec, meta, x, params, noise, x_predictor)
+                out = run_oracle(spec, call, x, params, noise, x_predictor)
                 if decided is not None and not np.array_equal(_decisions(out), decided):
                     array[i] = old
                     raise FlipError(f"{name}{list(i)}")
@@ -112,11 +110,11 @@ class FlipError(Exception):
     """A routing decision changed inside a difference step: the inputs lack margin."""
 
 
-def _margin_ok(spec, meta, x, params, noise, decided, rng) -> bool:
+def _margin_ok(spec, call, x, params, noise, decided, rng) -> bool:
     """Decisions survive a 1e-4 relative jiggle of every input: far from float32 ties."""
     for _ in range(3):
         jig = {k: v * (1 + 1e-4 * rng.standard_normal(v.shape)) for k, v in params.items()}
-        out = _run_oracle(spec, meta, x * (1 + 1e-4 * rng.standard_normal(x.shape)), jig, noise)
+        out = run_oracle(spec, call, x * (1 + 1e-4 * rng.standard_normal(x.shape)), jig, noise)
         if not np.array_equal(_decisions(out), decided):
             return False
     return True
@@ -133,8 +131,8 @@ def build(name: str, spec, *, seed: int, why: str, mode: str = "eval", B: int = 
              if scheme == "mixture_of_depths" else None)
     meta = {"name": f"{scheme}__{name}", "scheme": scheme, "mode": mode, "why": why,
             "version": VERSION, "expert": expert.to_dict() if block is None else None,
-            "block": {**block, "mlp": expert.to_dict()} if block else None,
-            "_expert": expert, "_block": block}
+            "block": {**block, "mlp": expert.to_dict()} if block else None}
+    call = {"mode": mode, "expert": expert, "block": block}
     for attempt in range(50):
         rng = np.random.default_rng([seed, attempt])
         x = rng.normal(size=(B, T, D))
@@ -142,14 +140,14 @@ def build(name: str, spec, *, seed: int, why: str, mode: str = "eval", B: int = 
         noise = _noise(rng, spec, B, T, D) if mode == "train" else None
         if inputs is not None:
             inputs(rng, x, params)
-        out = _run_oracle(spec, meta, x, params, noise)
+        out = run_oracle(spec, call, x, params, noise)
         decided = _decisions(out)
-        if not ties and decided is not None and not _margin_ok(spec, meta, x, params, noise,
+        if not ties and decided is not None and not _margin_ok(spec, call, x, params, noise,
                                                                 decided, rng):
             continue
         cotangent = rng.normal(size=x.shape)
         try:
-            out.update(_gradients(spec, meta, x, params, noise, cotangent, decided) if grads and
+            out.update(_gradients(spec, call, x, params, noise, cotangent, decided) if grads and
                        not ties else {})
         except FlipError:
             continue
@@ -158,12 +156,12 @@ def build(name: str, spec, *, seed: int, why: str, mode: str = "eval", B: int = 
         raise RuntimeError(f"{meta['name']}: no seed gave routing decisions with margin")
     tensors = {"input/x": x, "input/cotangent": cotangent,
                **{f"param/{k}": v for k, v in params.items()},
-               **{f"expect/{k}": np.asarray(v) for k, v in out.items()}}
+               **{f"expect/{k}": np.asarray(v) for k, v in out.items()
+                  if not k.startswith(oracle.LIBRARY_KEYS)}}
     if noise is not None:
         tensors["input/noise"] = noise
-    meta = {k: v for k, v in meta.items() if not k.startswith("_")}
     meta.update(seed=[seed, attempt], gradients=bool(grads and not ties),
-                tolerance={k[len("expect/"):]: tolerance_for(k[len("expect/"):])
+                tolerance={k[len("expect/"):]: tolerance_for(scheme, k[len("expect/"):])
                            for k in tensors if k.startswith("expect/")})
     return Case(spec, meta, tensors)
 

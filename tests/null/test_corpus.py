@@ -28,7 +28,9 @@ def test_regenerated_corpus_matches_the_shipped_one(regenerated):
     for rel in sorted(shipped):
         want, want_meta = load_safetensors(CASES_DIR / rel)
         got, got_meta = load_safetensors(regenerated / rel)
-        assert got_meta == want_meta, rel
+        # the checksum covers float bytes, which BLAS may change in the last bits between
+        # machines (compared with a tolerance below); read_case checks each file's own
+        assert {**got_meta, "checksum": ""} == {**want_meta, "checksum": ""}, rel
         assert got.keys() == want.keys(), rel
         for key in want:
             if want[key].dtype.kind in "iub":

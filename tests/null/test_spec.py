@@ -180,7 +180,14 @@ BAD = [  # (class, kwargs, field, value, words from the accepted range)
     (TokenChoice, {"min_capacity": -1}, "min_capacity", -1, ">= 0"),
     (TokenChoice, {"noise_std": NAN}, "noise_std", NAN, "a finite number"),
     (TokenChoice, {"noise_std": math.inf}, "noise_std", math.inf, "a finite number"),
-    (TokenChoice, {"jitter_eps": 1.0}, "jitter_eps", 1.0, "0 < jitter_eps < 1"),
+    (TokenChoice, {"jitter_eps": 1.0}, "jitter_eps", 1.0, "0 <= jitter_eps < 1"),
+    (TokenChoice, {"noise": "jitter", "jitter_eps": 0.0}, "jitter_eps", 0.0,
+     "0 < jitter_eps < 1 when noise='jitter'"),
+    (TokenChoice, {"noise": "additive", "noise_std": 0.0}, "noise_std", 0.0,
+     "> 0 when noise='additive'"),
+    (TokenChoice, {"noise_std": -1.0}, "noise_std", -1.0, ">= 0.0"),
+    (ExpertChoice, {"noise": "additive", "noise_std": 0.0}, "noise_std", 0.0,
+     "> 0 when noise='additive'"),
     (TokenChoice, {"z_loss_coef": -1e-3}, "z_loss_coef", -1e-3, ">= 0.0"),
     (TokenChoice, {"group_size": 4}, "group_size", 4, "> 0 exactly when group='fixed'"),
     (TokenChoice, {"group": "fixed"}, "group_size", 0, "> 0 exactly when group='fixed'"),
@@ -389,3 +396,11 @@ def test_router_causal_rule_refuses_an_unused_predictor():
     with pytest.raises(SpecError, match=r"predictor = Predictor.*None when causal='router'"):
         MixtureOfDepths(causal="router", router_bce_coef=0.1)
     assert MixtureOfDepths(causal="router", router_bce_coef=0.1, predictor=None).predictor is None
+
+
+def test_noise_knobs_are_not_required_when_their_noise_is_off():
+    # noise_std scales additive noise only, jitter_eps jitter only: 0 is accepted without them
+    assert TokenChoice(noise="none", noise_std=0.0, jitter_eps=0.0).noise_std == 0.0
+    assert TokenChoice(noise="jitter", noise_std=0.0).jitter_eps == 0.01
+    assert TokenChoice(noise="additive", jitter_eps=0.0).noise_std == 1.0
+    assert ExpertChoice(noise="none", noise_std=0.0).noise_std == 0.0
