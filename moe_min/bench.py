@@ -76,11 +76,13 @@ def _block(ops, *arrays):
 
 
 def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
-                glu=False, seed=0, scheme="token_choice", capacity="1.0"
+                glu=False, seed=0, scheme="token_choice", capacity="1.0", compiled=False
                 ) -> tuple[dict, list[Timing]]:
     """Callables for a token-choice MoE layer, its routing alone, and a dense MLP of equal
     active FLOPs (`act(x @ W1[D, K·H]) @ W2[K·H, D]`, gated with W3 if glu), forward and
-    forward+backward, on one backend; plus a Timing for each case the backend cannot run."""
+    forward+backward, on one backend; plus a Timing for each case the backend cannot run.
+    compiled: through ops.compile (tinygrad's TinyJit replays the step it captured; MLX traces
+    once), forward+backward as value_and_grad, as training runs it."""
     rng = np.random.default_rng(seed)
     spec = layer_spec(scheme, experts, top_k, capacity, tokens)
     expert = ExpertMLP(hidden=hidden, activation="silu" if glu else activation, glu=glu)
@@ -112,27 +114,31 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
 
     cases, missing = {"routing (plan only)": plan_only}, []
     for name, loss, params in (("MoE layer", moe_loss, moe), ("dense MLP", dense_loss, dense)):
-        cases[f"{name} fwd"] = lambda loss=loss, params=params: _block(ops, loss(params, x))
+        fwd = ops.compile(loss) if compiled else loss
+        cases[f"{name} fwd"] = lambda fwd=fwd, params=params: _block(ops, fwd(params, x))
         try:
-            ops.grad(loss, params, x)
+            both = ops.compile(ops.value_and_grad(loss)) if compiled else \
+                (lambda p, x_, loss=loss: (None, ops.grad(loss, p, x_)))
+            for _ in range(4 if compiled else 1):  # two alternating TinyJits replay from call 5
+                both(params, x), compiled and fwd(params, x)
         except NotImplementedError as e:
             missing.append(Timing(f"{name} fwd+bwd", None, str(e)))
             continue
-        cases[f"{name} fwd+bwd"] = lambda loss=loss, params=params: _block(
-            ops, *ops.grad(loss, params, x).values())
+        cases[f"{name} fwd+bwd"] = lambda both=both, params=params: _block(
+            ops, *both(params, x)[1].values())
     return cases, missing
 
 
 def layer(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, activation="relu",
           glu=False, repeat=5, seed=0, with_mlx_lm=True, scheme="token_choice",
-          capacity="1.0", variants: dict | None = None) -> list[Timing]:
+          capacity="1.0", variants: dict | None = None, compiled=False) -> list[Timing]:
     """Time `layer_cases` (and mlx-lm's layer on MLX) side by side, round-robin; `variants`
     {label: ops}: the MoE layer also on the same backend opened otherwise (other fused ops)."""
     cases, missing = layer_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed,
-                                 scheme, capacity)
+                                 scheme, capacity, compiled)
     for label, other in (variants or {}).items():
         found, _ = layer_cases(other, tokens, dim, hidden, experts, top_k, activation, glu, seed,
-                               scheme, capacity)
+                               scheme, capacity, compiled)
         cases.update({f"{k} [{label}]": f for k, f in found.items() if k.startswith("MoE")})
     if with_mlx_lm and scheme == "token_choice":
         found, why = mlx_lm_cases(ops, tokens, dim, hidden, experts, top_k, activation, glu, seed)

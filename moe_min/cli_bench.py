@@ -38,8 +38,10 @@ def _print_timings(timings):
               help="Token choice: a capacity factor, or 'dropless'.")
 @click.option("--also-fused", multiple=True, help="Also time the MoE layer with these fused "
               "ops (repeatable: all, none or a comma list; see moe-min info).")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Time the compiled step (ops.compile; tinygrad needs it to be fast).")
 def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
-                scheme, capacity, also_fused):
+                scheme, capacity, also_fused, compiled):
     """A routed layer (--scheme, --capacity) vs a dense MLP of equal active FLOPs, routing alone,
     and mlx-lm's SwitchMLP/SwitchGLU (MLX, bench extra, token choice), timed round-robin."""
     from moe_min import bench as b
@@ -47,11 +49,11 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
     ops = _backend(backend, device)
     act = "silu, gated" if glu else activation
     _run_library(b.layer_spec, scheme, experts, top_k, capacity, tokens)  # one-line errors
-    click.echo(f"{backend} on {ops.device}: {scheme} ({capacity if scheme == 'token_choice' else 'K'}"
+    click.echo(f"{backend} on {ops.device}{' compiled' if compiled else ''}: {scheme} ({capacity if scheme == 'token_choice' else 'K'}"
                f") T={tokens} D={dim} H={hidden} E={experts} K={top_k} {act}; {b.environment()}")
     others = {f"fused={c}": _backend(backend, device, fused=c) for c in also_fused}
     timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
-                      scheme=scheme, capacity=capacity, variants=others)
+                      scheme=scheme, capacity=capacity, variants=others, compiled=compiled)
     _print_timings(timings)
     for label, value in b.ratios(timings):
         click.echo(f"  {label:<32} {value:6.2f}x")
