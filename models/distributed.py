@@ -46,6 +46,10 @@ import numpy as np
 
 from moe_min.models import configs
 
+# gradients are all-summed in flat arrays of up to this size (scripts/bench_distributed.py on
+# 2 ranks, loopback: tiny-moe's 6.4 MB in one array 3x faster than one all_sum per tensor;
+# small-moe's 85 MB in one array 2x slower than in 16 MiB buckets or per tensor)
+BUCKET_BYTES = 16 * 2 ** 20
 # expert weights and their AdamW moments: what --expert-parallel shards over the ranks
 SHARDED = re.compile(r"(^|\.)moe\.expert_w[123]$")
 # a rank runs the CLI itself; `-c`, not a script path: mlx.launch ran a relative script path
@@ -53,7 +57,7 @@ SHARDED = re.compile(r"(^|\.)moe\.expert_w[123]$")
 CHILD = "import sys; from moe_min.cli import main; sys.exit(main(prog_name='moe-min'))"
 
 
-def _mx():
+def mlx_core():
     from moe_min.backends import ops_mlx  # noqa: F401 - loads the BLAS before mlx.core
 
     import mlx.core as mx
@@ -101,22 +105,30 @@ class World:
     # ---- inside the compiled step ----------------------------------------------------------
 
     def reduce(self, value, grads: dict):
-        """(loss, grads) averaged over the ranks: one all_sum of every replicated gradient and
-        the loss, flattened (one collective per step, not one per tensor). A sharded expert's
-        gradient already holds every rank's tokens (expert_parallel.all_to_all's transpose)."""
+        """(loss, grads) averaged over the ranks: every replicated gradient and the loss,
+        flattened into BUCKET_BYTES arrays, one all_sum each (tiny-moe: one per step). A
+        sharded expert's gradient already holds every rank's tokens (the all-to-all's
+        transpose), so it is only divided."""
         if self.size == 1:
             return value, grads
-        mx = _mx()
-        names = sorted(n for n in grads if not self.sharded(n))
-        flat = mx.concatenate([mx.reshape(grads[n], (-1,)) for n in names] +
-                              [mx.reshape(value, (1,))])
-        flat = mx.distributed.all_sum(flat, group=self.group) / self.size
-        out, at = {}, 0
-        for n in names:
-            out[n] = mx.reshape(flat[at:at + grads[n].size], grads[n].shape)
-            at += grads[n].size
+        mx = mlx_core()
+        names = sorted(n for n in grads if not self.sharded(n)) + ["loss"]
+        grads = {**grads, "loss": mx.reshape(value, (1,))}
+        buckets, held = [[]], 0
+        for name in names:
+            if buckets[-1] and 4 * (held + grads[name].size) > BUCKET_BYTES:
+                buckets, held = buckets + [[]], 0
+            buckets[-1].append(name)
+            held += grads[name].size
+        out = {}
+        for bucket in buckets:
+            flat = mx.concatenate([mx.reshape(grads[n], (-1,)) for n in bucket])
+            flat, at = mx.distributed.all_sum(flat, group=self.group) / self.size, 0
+            for n in bucket:
+                out[n] = mx.reshape(flat[at:at + grads[n].size], grads[n].shape)
+                at += grads[n].size
         out.update({n: g / self.size for n, g in grads.items() if self.sharded(n)})
-        return flat[-1], out
+        return mx.reshape(out.pop("loss"), ()), out
 
     @property
     def norm(self):
@@ -125,16 +137,18 @@ class World:
         return self._sharded_norm if self.expert_parallel else None
 
     def _sharded_norm(self, grads: dict):
-        mx = _mx()
+        mx = mlx_core()
         shards = [mx.sum(g * g) for n, g in sorted(grads.items()) if self.sharded(n)]
         rest = [mx.sum(g * g) for n, g in sorted(grads.items()) if not self.sharded(n)]
-        return mx.sqrt(sum(rest) + mx.distributed.all_sum(sum(shards), group=self.group))
+        # after the gradients' all_sum, which `rest` reads: two collectives in one order
+        shards = mx.depends(sum(shards), sum(rest))
+        return mx.sqrt(sum(rest) + mx.distributed.all_sum(shards, group=self.group))
 
     # ---- moving state between ranks --------------------------------------------------------
 
     def _broadcast(self, value: np.ndarray) -> np.ndarray:
         """Rank 0's array on every rank: an all_sum to which the others add zeros (exact)."""
-        mx = _mx()
+        mx = mlx_core()
         mine = value if self.rank == 0 else np.zeros_like(value)
         return np.array(mx.distributed.all_sum(mx.array(mine), group=self.group))
 
@@ -189,7 +203,7 @@ class World:
         checking that the replicated arrays are bit for bit the same on every rank."""
         if self.size == 1:
             return tree
-        mx = _mx()
+        mx = mlx_core()
         digest = hashlib.sha256()
         for name in sorted(n for n in tree if not self.sharded(n)):
             digest.update(np.asarray(tree[name]).tobytes())
@@ -220,7 +234,7 @@ ALONE = World()
 
 def join(expert_parallel: bool = False) -> World:
     """This process's world, inside a run started by `launch` (or by mlx.launch itself)."""
-    mx = _mx()
+    mx = mlx_core()
     try:
         group = mx.distributed.init(strict=True)
     except RuntimeError as e:
@@ -331,10 +345,10 @@ def launch(argv: list[str], ranks: int, hostfile: str | None, expert_parallel: b
                "--distributed"]
     if hostfile:
         return _mlx_launch(hostfile, command)
-    return _local(ranks, command)
+    return run_local(ranks, command)
 
 
-def _local(ranks: int, command: list[str]) -> int:
+def run_local(ranks: int, command: list[str]) -> int:
     """The ring backend on loopback, set up as mlx.launch does it (MLX_HOSTFILE, MLX_RANK),
     without its relay: rank 0 keeps the terminal (the progress bar needs one), the others
     print only if they fail, and a failure is the exit status (mlx.launch 0.32 exits 0)."""

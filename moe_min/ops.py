@@ -116,7 +116,9 @@ class Ops(Protocol):
 # composite otherwise, and the conformance rows of the cases that reach it hold it to the oracle.
 # grouped_mlp(x (N, D) sorted by expert, expert (N,), w1, w2, w3 | None, act) -> (N, D):
 #   each row through its expert's MLP (moe_min/grouped.py: dropless token choice at T·K work).
-FAST_OPS = ("grouped_mlp",)
+# expert_mlp(h (E, M, D), w1, w2, w3 | None, act) -> (E, M, D): every expert on its padded
+#   buffer (layers.experts); expert parallel runs it over processes (models/expert_parallel.py).
+FAST_OPS = ("grouped_mlp", "expert_mlp")
 
 
 def fast_ops(ops) -> list[str]:
