@@ -299,11 +299,11 @@ class Traffic:
 
     def summary(self) -> str:
         analytic = self.world.analytic
-        parts = " + ".join(f"{name} {b / 1e6:.2f}" for name, b in analytic.items())
-        measured = (f"{np.median(self.per_step) / 1e6:.2f} MB measured (TCP payload, median "
+        parts = " + ".join(f"{name} {b / 1e6:.4g}" for name, b in analytic.items())
+        measured = (f"{np.median(self.per_step) / 1e6:.4g} MB measured (TCP payload, median "
                     f"of {len(self.per_step)} steps)") if self.per_step else "not measured here"
         return (f"{self.world.size} ranks: bytes sent per rank per step {measured}; analytic "
-                f"{sum(analytic.values()) / 1e6:.2f} MB ({parts})")
+                f"{sum(analytic.values()) / 1e6:.4g} MB ({parts})")
 
 
 # ---- launching the ranks -------------------------------------------------------------------
