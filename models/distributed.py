@@ -58,7 +58,7 @@ CHILD = "import sys; from moe_min.cli import main; sys.exit(main(prog_name='moe-
 
 
 def mlx_core():
-    from moe_min.backends import ops_mlx  # noqa: F401 - loads the BLAS before mlx.core
+    from moe_min.backends import ops_mlx  # noqa: F401, I001 - loads the BLAS before mlx.core
 
     import mlx.core as mx
 
@@ -365,7 +365,7 @@ def run_local(ranks: int, command: list[str]) -> int:
                                           stdout=subprocess.DEVNULL if rank else None,
                                           stderr=logs[-1]))
         status = _wait(procs)
-        for rank, (proc, log) in enumerate(zip(procs, logs)):
+        for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
             if log is not None:
                 log.seek(0)
                 text = log.read()

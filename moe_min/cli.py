@@ -128,7 +128,8 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
     given = {k: v for k, v in given.items() if v is not None}
     if resume and (config_name or overrides or given):
         raise click.ClickException("--resume continues the run in --out with its own config "
-                                   "and settings: give only --out, --steps, --backend, --device")
+                                   "and settings: give only --out, --steps, --backend, --device "
+                                   "and the ranks")
     config = None if resume else _run_library(t.model_config, config_name or "tiny-dense",
                                               overrides)
     if resume and overwrite:
