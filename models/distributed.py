@@ -171,7 +171,7 @@ class World:
                                    for v in tree.values()] or [np.zeros(0, np.float32)])
         else:
             text, flat = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        size = self._broadcast(np.array([len(text), len(flat)], np.int64).astype(np.int32))
+        size = self._broadcast(np.array([len(text), len(flat)], np.int32))
         text = self._broadcast(np.zeros(size[0], np.int32) if self.rank else text)
         flat = self._broadcast(np.zeros(size[1], np.float32) if self.rank else flat)
         meta = json.loads(text.astype(np.uint8).tobytes())
