@@ -49,12 +49,14 @@ def global_norm(ops: Ops, grads: dict):
     return ops.sqrt(sum(ops.sum(grads[name] * grads[name]) for name in sorted(grads)))
 
 
-def step(ops: Ops, hp: AdamW, params: dict, grads: dict, state: dict, lr):
+def step(ops: Ops, hp: AdamW, params: dict, grads: dict, state: dict, lr, norm_fn=None):
     """One AdamW update. `lr` is a 0-d array. Returns (params, state, grad norm before
-    clipping, over the trained parameters); the inputs are not modified."""
+    clipping, over the trained parameters); the inputs are not modified. `norm_fn(grads)`
+    replaces global_norm where the gradients are split over processes (expert parallel)."""
     frozen = re.compile(hp.frozen) if hp.frozen else None
     live = [k for k in params if frozen is None or not frozen.search(k)]
-    norm = global_norm(ops, {k: grads[k] for k in live})
+    live_grads = {k: grads[k] for k in live}
+    norm = norm_fn(live_grads) if norm_fn else global_norm(ops, live_grads)
     scale = hp.grad_clip / ops.maximum(norm, hp.grad_clip) if hp.grad_clip > 0 else 1.0
     t = state["step"] + 1.0
     bias1 = 1.0 - ops.exp(t * math.log(hp.beta1))  # 1 - beta1^t

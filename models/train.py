@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_min.helpers import read_bounded
-from moe_min.models import configs, data, evaluation, optim, plots
+from moe_min.models import configs, data, distributed, evaluation, optim, plots
 from moe_min.ops import backend_entry_points, get_backend
 from moe_min.tensorio import load_safetensors, save_safetensors
 
@@ -206,9 +206,10 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
 
 # ---- one step, evaluation ------------------------------------------------------------------
 
-def make_step(ops, config, tc: TrainConfig):
+def make_step(ops, config, tc: TrainConfig, world=distributed.ALONE):
     """(params, opt_state, x, y, lr) -> (loss, grad norm, params, opt_state): value_and_grad
-    of the training loss, then AdamW, jitted whole by the backend when tc.compile."""
+    of the training loss, averaged over the world's ranks, then AdamW, jitted whole by the
+    backend when tc.compile."""
     module = model_module(config)
     if is_encoder(config):
         def loss(params, x, seed):
@@ -219,8 +220,9 @@ def make_step(ops, config, tc: TrainConfig):
     grad_fn = ops.value_and_grad(loss)
 
     def step(params, opt_state, x, y, lr):
-        value, grads = grad_fn(params, x, y)
-        params, opt_state, norm = optim.step(ops, tc.optimizer, params, grads, opt_state, lr)
+        value, grads = world.reduce(*grad_fn(params, x, y))
+        params, opt_state, norm = optim.step(ops, tc.optimizer, params, grads, opt_state, lr,
+                                             world.norm)
         return value, norm, params, opt_state
 
     # not jitted: the encoder (it draws masks on the host from an int seed) and routing noise
@@ -292,42 +294,47 @@ def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool, overwri
 
 def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backend=None,
           device: str | None = None, resume: bool = False, steps: int | None = None,
-          on_step=None, log=None, overwrite: bool = False) -> dict:
+          on_step=None, log=None, overwrite: bool = False, world=distributed.ALONE) -> dict:
     """Train `config` (an LMConfig or EncoderConfig) under `tc`, writing OUT/metrics.jsonl,
     OUT/loss.png, OUT/load.png and OUT/checkpoint/. With resume=True, config and settings come
     from OUT/checkpoint and the run continues where it stopped (`steps` may extend it).
     `on_step(steps done, steps in all, record)` follows the run (the CLI draws a progress bar),
     `log(text)` gets a line per evaluation. `backend`: a name or a backend object. Returns
-    the last validation report with timings."""
+    the last validation report with timings. `world`: this process's rank among the ranks of
+    a data- or expert-parallel run (models/distributed.py); rank 0 alone writes."""
     out, log, on_step = Path(out), log or (lambda text: None), on_step or (lambda *a: None)
     ops = backend if hasattr(backend, "asarray") else get_backend(backend or default_backend(),
                                                                   device)
     if not ops.caps.autodiff:
         raise ValueError(f"backend {ops.name!r} has no autodiff: train with mlx or tinygrad")
-    config, tc, start, params, opt_state, corpus = _start(ops, config, tc, out, resume,
-                                                          overwrite)
+    state = _start(ops, config, tc, out, resume, overwrite) if world.rank == 0 else None
+    config, tc, start, params, opt_state, corpus = world.share(state)
     tc = replace(tc, steps=steps) if steps is not None else tc
     tokens = data.load_corpus(tc.data)
     check_sizes(config, tc, tokens)
+    world.check(ops, config, tc, params)
     train_tokens, val_tokens = data.split(tokens)
     corpus_id = _corpus_id(tokens)
     if resume and corpus != corpus_id:
         raise ValueError(f"the corpus ({tc.data or 'pydoc topics'}) differs from the one the "
                          "checkpoint was trained on")
-    params = {k: ops.asarray(v) for k, v in params.items()}
-    opt_state = {k: ops.asarray(v) for k, v in opt_state.items()} if opt_state else \
-        optim.init_state(ops, params)
+    params = {k: ops.asarray(v) for k, v in world.shard(params).items()}
+    opt_state = {k: ops.asarray(v) for k, v in world.shard(opt_state).items()} if opt_state \
+        else optim.init_state(ops, params)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = plots.Metrics(out / "metrics.jsonl", start)
-    step_fn, tokens_per_step = make_step(ops, config, tc), tc.batch_size * config.context
+    metrics = plots.Metrics(out / "metrics.jsonl", start) if world.rank == 0 else None
+    step_fn = make_step(world.wrap(ops), config, tc, world)
+    tokens_per_step = tc.batch_size * config.context
     log(f"{type(config).__name__} {config.dim}d x {config.layers} on {ops.name} "
         f"({ops.device}); {len(train_tokens):,} train / {len(val_tokens):,} val bytes; "
         f"bigram entropy {data.bigram_entropy(tokens):.3f} nats/byte; steps {start}..{tc.steps}")
     train_seconds, report, saved = 0.0, {}, start  # saved: the current checkpoint's step
     for it in range(start, tc.steps):
         t0 = time.perf_counter()
-        batch = data.batch_at(train_tokens, it, tc.batch_size, config.context, tc.seed)
-        draw = tc.seed * 1_000_003 + it  # routing noise and masks: a function of (seed, step)
+        batch = world.rows(data.batch_at(train_tokens, it, tc.batch_size, config.context,
+                                         tc.seed))
+        # routing noise and masks: a function of (seed, step, rank)
+        draw = world.stream(tc.seed * 1_000_003 + it)
         ops.seed(draw)
         x = ops.asarray(batch[:, :-1], "int")
         y = draw if is_encoder(config) else ops.asarray(batch[:, 1:], "int")
@@ -344,21 +351,25 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
             raise ValueError(f"step {done}: the training loss is {value} (gradient norm "
                              f"{grad_norm}): stopped before writing a checkpoint; {kept} "
                              f"(lower --lr?)")
-        metrics.add({"step": done, "split": "train", "objective": value,
-                     "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": (done - start) * tokens_per_step / train_seconds})
-        on_step(done, tc.steps, metrics.records[-1])
+        if world.rank == 0:
+            metrics.add({"step": done, "split": "train", "objective": value,
+                         "lr": lr, "grad_norm": grad_norm,
+                         "tokens_per_s": (done - start) * tokens_per_step / train_seconds})
+            on_step(done, tc.steps, metrics.records[-1])
         if done % tc.eval_every == 0 or done == tc.steps:
+            whole, whole_state = world.full(params), world.full(opt_state)  # expert shards
+            if world.rank:  # rank 0 evaluates and writes; the others go on to the next all_sum
+                continue
             splits = {"train": train_tokens, "val": val_tokens}
-            reports = evaluation.validate(ops, config, params, splits, tc,
+            reports = evaluation.validate(ops, config, whole, splits, tc,
                                           final=done == tc.steps)
             for result in reports:
                 metrics.add({"step": done, **result})
             report = {r["mode"]: r for r in reports if r["split"] == "val"}
             log(_summary(done, report))
             save_checkpoint(out, config, tc, done,
-                            {k: ops.to_numpy(v) for k, v in params.items()},
-                            {k: ops.to_numpy(v) for k, v in opt_state.items()},
+                            {k: ops.to_numpy(v) for k, v in whole.items()},
+                            {k: ops.to_numpy(v) for k, v in whole_state.items()},
                             {"corpus": corpus_id, "backend": ops.name})
             saved = done
             plots.write_all(metrics.records, out)

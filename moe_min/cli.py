@@ -73,12 +73,12 @@ def info():
 class _Progress:
     """A click progress bar (click is a dependency already) with loss, tokens/s and ETA."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self, ranks: int = 1):
+        self.bar, self.label = None, "train" if ranks == 1 else f"train x{ranks} ranks"
 
     def __call__(self, done, total, record):
         if self.bar is None:
-            self.bar = click.progressbar(length=total - done + 1, label="train", width=24,
+            self.bar = click.progressbar(length=total - done + 1, label=self.label, width=24,
                                          show_eta=True, item_show_func=lambda text: text)
         self.bar.update(1, f"step {done}  loss {record['objective']:.3f}  "
                            f"{record['tokens_per_s']:,.0f} tok/s")
@@ -108,17 +108,30 @@ class _Progress:
 @click.option("--out", default="runs/latest", show_default=True, type=click.Path())
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run that --out holds.")
+@click.option("--ranks", type=click.IntRange(1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (mx.distributed, ring on loopback).")
+@click.option("--hostfile", type=click.Path(dir_okay=False), default=None,
+              help="Data parallel over the machines of an mlx.launch hostfile.")
+@click.option("--expert-parallel", is_flag=True, help="Shard each MoE layer's experts over the "
+              "ranks (E divisible by their number).")
+@click.option("--distributed", "joined", is_flag=True, hidden=True)  # each rank, from launch
 def train(config_name, overrides, backend, device, data_path, steps, batch_size, lr, seed,
-          eval_every, out, resume, overwrite):
+          eval_every, out, resume, overwrite, ranks, hostfile, expert_parallel, joined):
     """Train a routed byte-level model; metrics, plots and checkpoint go to --out."""
+    from moe_min.models import distributed as dist
     from moe_min.models import train as t
+
+    if not joined and (ranks > 1 or hostfile or expert_parallel):
+        sys.exit(_run_library(dist.launch, sys.argv[1:], ranks, hostfile, expert_parallel))
+    world = _run_library(dist.join, expert_parallel) if joined else dist.ALONE
 
     given = {"batch_size": batch_size, "lr": lr, "seed": seed, "eval_every": eval_every,
              "data": data_path}
     given = {k: v for k, v in given.items() if v is not None}
     if resume and (config_name or overrides or given):
         raise click.ClickException("--resume continues the run in --out with its own config "
-                                   "and settings: give only --out, --steps, --backend, --device")
+                                   "and settings: give only --out, --steps, --backend, --device "
+                                   "and the ranks")
     config = None if resume else _run_library(t.model_config, config_name or "tiny-dense",
                                               overrides)
     if resume and overwrite:
@@ -126,11 +139,14 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
                                    "it: give one of them")
     tc = None if resume else _run_library(t.TrainConfig, **given, **(
         {"steps": steps} if steps is not None else {}))
-    progress = _Progress()
+    progress = _Progress(world.size) if world.rank == 0 else None  # rank 0 alone reports
+    on_step = progress and (dist.Traffic(world, progress, progress.log) if joined else progress)
     result = _run_library(t.train, config, tc, out=out, backend=backend, device=device,
-                          resume=resume, steps=steps if resume else None, on_step=progress,
-                          log=progress.log, overwrite=overwrite)
-    click.echo(f"done: {result['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {out}/checkpoint")
+                          resume=resume, steps=steps if resume else None, on_step=on_step,
+                          log=progress and progress.log, overwrite=overwrite, world=world)
+    if progress:
+        click.echo(f"done: {result['tokens_per_s'] or 0:,.0f} tokens/s; checkpoint {out}/"
+                   "checkpoint")
 
 
 @main.command()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_min.ops import Array, Ops, fast_op, fast_ops
+from moe_min.ops import Array, Ops, fast_op
 from moe_min.routing import Plan, activation
 from moe_min.spec import ExpertMLP
 
@@ -52,7 +52,7 @@ def slot_inverses(ops: Ops, plan: Plan, picks: Array, rows: int):
 def applies(ops: Ops, plan: Plan, group_tokens: int) -> bool:
     """A token-choice plan in which nothing can drop (C >= S), on a backend with the op."""
     return (plan.choice_slot is not None and plan.slot_token.shape[2] >= group_tokens
-            and "grouped_mlp" in fast_ops(ops))
+            and fast_op(ops, "grouped_mlp") is not None)
 
 
 def expert_mlp(ops: Ops, spec: ExpertMLP, params: dict, rows: Array, expert: Array) -> Array:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from moe_min import grouped
-from moe_min.ops import Array, Ops, fast_op
+from moe_min.ops import Array, Ops, fast_op, fast_ops
 from moe_min.routing import Plan, activation, route
 from moe_min.spec import ExpertMLP, MixtureOfDepths, SoftMoE
 
@@ -26,8 +26,13 @@ def mlp(ops: Ops, spec: ExpertMLP, h: Array, w1: Array, w2: Array, w3: Array | N
 
 
 def experts(ops: Ops, spec: ExpertMLP, params: dict, h: Array) -> Array:
-    """All experts at once: h (E, N, D) -> (E, N, D)."""
-    return mlp(ops, spec, h, params["expert_w1"], params["expert_w2"], params.get("expert_w3"))
+    """All experts at once: h (E, N, D) -> (E, N, D); through the optional op expert_mlp where
+    the backend has one (expert parallel: the experts live in other processes)."""
+    w = params["expert_w1"], params["expert_w2"], params.get("expert_w3")
+    if "expert_mlp" in fast_ops(ops):
+        name = "silu" if spec.glu else spec.activation
+        return ops.expert_mlp(h, *w, lambda a: activation(ops, name, a))
+    return mlp(ops, spec, h, *w)
 
 
 def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:

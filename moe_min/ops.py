@@ -137,7 +137,10 @@ class Ops(Protocol):
 # attention(q (B, H, Nq, Dh), k, v (B, H, Nk, Dh), allowed (B, 1, Nq, Nk) bool) ->
 #   softmax(where(allowed, q·kᵀ/√Dh, -1e9)) @ v; a row with no allowed key is padding: any
 #   finite value.
-FAST_OPS = ("grouped_mlp", "take_rows", "rms_norm", "rope", "attention")
+# expert_mlp(h (E, M, D), w1, w2, w3 | None, act) -> (E, M, D): every expert on its padded
+#   buffer (layers.experts); expert parallel runs it over processes (models/expert_parallel.py)
+#   and is held to the oracle by the corpus on two ranks, not to a composite here.
+FAST_OPS = ("grouped_mlp", "take_rows", "rms_norm", "rope", "attention", "expert_mlp")
 
 
 def fast_ops(ops) -> list[str]:

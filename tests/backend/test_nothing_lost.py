@@ -85,8 +85,8 @@ def test_a_non_finite_loss_later_keeps_the_last_good_checkpoint(run_dir, monkeyp
     good = _digest(run_dir / "checkpoint")
     make_step = tr.make_step
 
-    def poisoned(ops, config, tc):  # step 6 of the resumed run returns a NaN loss
-        step, calls = make_step(ops, config, tc), []
+    def poisoned(ops, config, tc, *world):  # step 6 of the resumed run returns a NaN loss
+        step, calls = make_step(ops, config, tc, *world), []
 
         def run(params, opt_state, x, y, lr):
             calls.append(1)
