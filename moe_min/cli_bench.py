@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import click
 
+from moe_min.cli_util import COUNT, MAX_COUNT, OneLineGroup
 from moe_min.cli_util import backend as _backend
 from moe_min.cli_util import run_library as _run_library
+from moe_min.helpers import check_fits
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 def bench():
     """Speed, as ratios measured side by side in one run."""
 
@@ -23,19 +25,19 @@ def _print_timings(timings):
 @bench.command("layer")
 @click.option("--backend", default="numpy", show_default=True)
 @click.option("--device", default=None)
-@click.option("--tokens", type=click.IntRange(1), default=4096, show_default=True)
-@click.option("--dim", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--hidden", type=click.IntRange(1), default=1024, show_default=True)
-@click.option("--experts", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--top-k", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--tokens", type=COUNT, default=4096, show_default=True)
+@click.option("--dim", type=COUNT, default=512, show_default=True)
+@click.option("--hidden", type=COUNT, default=1024, show_default=True)
+@click.option("--experts", type=COUNT, default=8, show_default=True)
+@click.option("--top-k", type=COUNT, default=2, show_default=True)
 @click.option("--activation", default="relu", show_default=True,
               type=click.Choice(["relu", "gelu", "gelu_tanh", "silu"]))
 @click.option("--glu", is_flag=True, help="SwiGLU experts (vs mlx-lm's SwitchGLU).")
-@click.option("--repeat", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--repeat", type=COUNT, default=5, show_default=True)
 @click.option("--scheme", default="token_choice", show_default=True,
               type=click.Choice(["token_choice", "expert_choice", "soft_moe"]))
-@click.option("--capacity", default="1.0", show_default=True,
-              help="Token choice: a capacity factor, or 'dropless'.")
+@click.option("--capacity", default=None,
+              help="Token choice: a capacity factor (default 1.0), or 'dropless'.")
 def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
                 scheme, capacity):
     """A routed layer (--scheme, --capacity) vs a dense MLP of equal active FLOPs, routing alone,
@@ -44,7 +46,12 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
 
     ops = _backend(backend, device)
     act = "silu, gated" if glu else activation
+    if capacity is not None and scheme != "token_choice":
+        raise click.ClickException(f"--capacity {capacity}: only token choice takes it (expert "
+                                   f"choice runs at factor K, Soft MoE at T*K/E slots)")
+    capacity = capacity or "1.0"
     _run_library(b.layer_spec, scheme, experts, top_k, capacity, tokens)  # one-line errors
+    _run_library(b.check_layer_fits, tokens, dim, hidden, experts, top_k, scheme)
     click.echo(f"{backend} on {ops.device}: {scheme} ({capacity if scheme == 'token_choice' else 'K'}"
                f") T={tokens} D={dim} H={hidden} E={experts} K={top_k} {act}; {b.environment()}")
     timings = b.layer(ops, tokens, dim, hidden, experts, top_k, activation, glu, repeat,
@@ -57,13 +64,16 @@ def bench_layer(backend, device, tokens, dim, hidden, experts, top_k, activation
 @bench.command("matmul")
 @click.option("--backend", default="numpy", show_default=True)
 @click.option("--device", default=None)
-@click.option("--size", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--size", type=COUNT, default=1024, show_default=True)
 def bench_matmul(backend, device, size):
     """float32 matmul throughput of a backend next to NumPy's."""
     from moe_min import bench as b
 
+    ops = _backend(backend, device)
+    _run_library(check_fits, 4 * 4 * size * size, f"a {size}x{size} float32 matmul",
+                 "lower --size")  # a, b, the product, and the backend's copies of a and b
     click.echo(b.environment())
-    _print_timings(b.matmul_gflops(_backend(backend, device), size))
+    _print_timings(b.matmul_gflops(ops, size))
 
 
 @bench.command("generate")
@@ -74,11 +84,11 @@ def bench_matmul(backend, device, size):
 @click.option("--device", default=None)
 @click.option("--skip", type=click.Choice(["both", "mask", "branch"]), default="both",
               show_default=True, help="MoD blocks at decode time (models/decode.py).")
-@click.option("--prompt-len", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--tokens", type=click.IntRange(1), default=300, show_default=True,
+@click.option("--prompt-len", type=COUNT, default=64, show_default=True)
+@click.option("--tokens", type=COUNT, default=300, show_default=True,
               help="Decode steps per variant.")
 @click.option("--compare-mlx/--no-compare-mlx", default=True, show_default=True)
-@click.option("--train-steps", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--train-steps", type=click.IntRange(0, MAX_COUNT), default=0, show_default=True,
               help="Also time this many jitted training steps per backend (batch 16).")
 def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, tokens,
                    compare_mlx, train_steps):
@@ -87,6 +97,7 @@ def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, t
     from moe_min import bench as b
     from moe_min.models import bench_generate as g
     from moe_min.models import train as t
+    from moe_min.models.limits import check_config_fits
 
     if checkpoint:
         ckpt = _run_library(t.load_checkpoint, checkpoint, optimizer=False)
@@ -95,6 +106,10 @@ def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, t
         config, params, name = _run_library(t.model_config, config_name), None, config_name
     if t.is_encoder(config):
         raise click.ClickException(f"{name}: an encoder does not generate")
+    if prompt_len >= config.context:
+        raise click.ClickException(f"--prompt-len {prompt_len}: the context of {name} is "
+                                   f"{config.context}: expected at most {config.context - 1}")
+    _run_library(check_config_fits, config)
     pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
     click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
                f"per variant; {b.environment()}")

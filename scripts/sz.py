@@ -27,7 +27,7 @@ BUDGETS = {
     "moe_min/conformance/runner.py": 250,
     "models/lm.py": 350,
     "models/encoder.py": 200,
-    "models/configs.py": 130,  # 120, +10: the Mixtral presets (dropless, SwiGLU experts)
+    "models/configs.py": 135,  # 120, +10: Mixtral presets, +5: a moe/mod spec no block uses
     "models/train.py": 300,
     "models/generate.py": 250,
 }

@@ -50,10 +50,37 @@ class Case:
 
 
 def read_case(path: Path) -> Case:
+    """A case file, checked whole before it runs; any defect is one ValueError naming it."""
     tensors, metadata = load_safetensors(path)
-    if "spec" not in metadata or "case" not in metadata:
+    if not isinstance(metadata.get("spec"), str) or not isinstance(metadata.get("case"), str):
         raise ValueError(f"{path}: not a conformance case (no 'spec'/'case' in its metadata)")
-    return Case(from_json(metadata["spec"]), json.loads(metadata["case"]), tensors)
+    try:
+        case = Case(from_json(metadata["spec"]), json.loads(metadata["case"]), tensors)
+        _check(case)
+        _ = case.expert, case.block  # their specs, validated when they parse
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: bad case ({type(e).__name__}: {e})") from None
+    return case
+
+
+def _check(case: Case) -> None:
+    meta, expects = case.meta, [k[len("expect/"):] for k in case.tensors if
+                                k.startswith("expect/")]
+    if not isinstance(meta, dict) or meta.get("mode") not in ("train", "eval", "causal"):
+        raise ValueError("its 'case' metadata needs a mode of train, eval or causal")
+    tolerance = meta.get("tolerance")
+    for key in expects:
+        tol = tolerance.get(key) if isinstance(tolerance, dict) else None
+        if not (isinstance(tol, list) and len(tol) == 2 and all(
+                isinstance(t, (int, float)) and 0 <= t < float("inf") for t in tol)):
+            raise ValueError(f"tolerance of {key!r} is {tol!r}: expected [rtol, atol], finite, "
+                             ">= 0")
+    needed = ["input/x"] + (["input/cotangent"] if any(k.startswith("grad/") for k in expects)
+                            else [])
+    missing = [k for k in needed if k not in case.tensors]
+    if missing or not isinstance(meta.get("name"), str):
+        raise ValueError(f"missing {missing or 'name'}: a case has input/x (and input/cotangent "
+                         "with gradients) and a name")
 
 
 def case_paths(root: Path | None = None) -> list[Path]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_min.conformance.case import Case, case_paths, read_case
+from moe_min.helpers import write_atomic
 from moe_min.layers import forward
 from moe_min.ops import missing_ops
 
@@ -96,7 +97,11 @@ class Runner:
             raise ValueError(f"no case selected (--include {self.includes or '-'}, --exclude "
                              f"{[p for p, _ in self.excludes] or '-'}): nothing would be tested")
         for path in selected:
-            rows.extend(self.run_case(read_case(path)))
+            case = read_case(path)
+            try:
+                rows.extend(self.run_case(case))
+            except (ValueError, TypeError) as e:  # inputs the layer refused: name the file
+                raise ValueError(f"{path}: {e}") from None
         return rows
 
     def run_case(self, case: Case) -> list[Row]:
@@ -178,4 +183,4 @@ def write_junit(rows: list[Row], path: Path, suite: str):
             ET.SubElement(tc, "failure", message=r.detail or "out of tolerance")
         elif r.status in ("unsupported", "n/a"):
             ET.SubElement(tc, "skipped", message=f"{r.status}: {r.detail}")
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    write_atomic(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
