@@ -141,8 +141,8 @@ def save_checkpoint(out: Path, config, train: TrainConfig, step: int, params: di
     except BaseException as e:
         shutil.rmtree(new, ignore_errors=True)
         if isinstance(e, OSError):
-            raise OSError(f"writing the checkpoint of step {step} in {out} failed ({e}); "
-                          "the current checkpoint is unchanged") from None
+            raise OSError(f"the checkpoint of step {step} was not written ({e}); the current "
+                          f"checkpoint in {out} is unchanged") from None
         raise
     tmp_link = out / f".checkpoint-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
@@ -205,7 +205,7 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     arrays = {}
     for name in FILES[:2] if optimizer else FILES[:1]:
         if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing")
+            raise CheckpointError(f"{path / name}: missing, or not a file")
         if _sha256(path / name) != sums.get(name):
             raise CheckpointError(f"{path / name}: checksum mismatch (truncated or modified "
                                   "since it was written)")
@@ -217,13 +217,14 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     want = {k: tuple(v.shape) for k, v in model_module(config).init_params(config, 0).items()}
     got = {k: tuple(v.shape) for k, v in params.items()}
     if got != want or got != shapes:
-        bad = sorted(set(got) ^ set(want) ^ set(shapes)) or \
+        bad = sorted((set(got) ^ set(want)) | (set(got) ^ set(shapes))) or \
             [k for k in want if not got.get(k) == want[k] == shapes.get(k)]
         raise CheckpointError(f"{path}: weights do not match the config (e.g. {bad[0]!r})")
     for name, value in params.items():  # garbage must not load as a model
-        if value.dtype != np.float32 or not np.isfinite(value).all():
-            raise CheckpointError(f"{path / FILES[0]}: {name!r} ({value.dtype}) holds NaN or inf"
-                                  " or is not float32: expected finite float32 weights")
+        wrong = f"is {value.dtype}" if value.dtype != np.float32 else \
+            "holds NaN or inf" if not np.isfinite(value).all() else None
+        if wrong:
+            raise CheckpointError(f"{path / FILES[0]}: {name!r} {wrong}: expected finite float32")
     return Checkpoint(config, train, step, params, arrays.get(FILES[1], {}), meta)
 
 

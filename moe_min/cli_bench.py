@@ -111,8 +111,9 @@ def bench_generate(config_name, checkpoint, backend, device, skip, prompt_len, t
                                    f"{config.context}: expected at most {config.context - 1}")
     _run_library(check_config_fits, config)
     pools = [(backend, device)] + ([("mlx", None)] if compare_mlx and backend != "mlx" else [])
+    opened = [_backend(*p) for p in pools]  # a bad --backend/--device: one line, no header
     click.echo(f"bench generate: {name}, batch 1, prompt {prompt_len}, {tokens} decode steps "
                f"per variant; {b.environment()}")
-    variants = [v for p in pools for v in g.variants(_backend(*p), config, params, name, skip)]
+    variants = [v for ops in opened for v in g.variants(ops, config, params, name, skip)]
     g.report(g.run(variants, prompt_len, tokens), click.echo,
              g.train_rates(variants, name, train_steps))

@@ -73,7 +73,6 @@ def write_atomic(path, data: bytes, mode: int = 0o644) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"{path}: writing failed ({e.strerror or e}); the previous file, if "
-                          "any, is unchanged") from None
+        if isinstance(e, OSError):  # ENOSPC, EFBIG, EIO: the old file stays as it was
+            raise OSError(f"{path}: not written ({e.strerror or e})") from None
         raise

@@ -54,17 +54,3 @@ def test_a_wrong_expectation_fails_with_exit_1_and_names_the_worst_element(tmp_p
     lines = result.output.strip().splitlines()
     assert lines[-1].endswith("1 failed, 5 n/a")
     assert lines[-3] == "failed rows (1):" and lines[-2].startswith("  token_choice__k2_glu y: ")
-
-
-def test_bad_arguments_give_one_line_errors_not_tracebacks(tmp_path):
-    result = CliRunner().invoke(main, ["conform", "nosuch"])
-    assert result.exit_code != 0 and "unknown backend 'nosuch'" in result.output
-    assert "Traceback" not in result.output
-    result = _conform("--cases", str(tmp_path / "absent"))
-    assert result.exit_code != 0 and "does not exist" in result.output
-    (tmp_path / "bad.safetensors").write_bytes(b"garbage!")
-    result = _conform("--cases", str(tmp_path))
-    assert result.exit_code != 0 and "bad.safetensors" in result.output
-    assert "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["conform", "numpy", "--device", "gpu"])
-    assert result.exit_code != 0 and "'gpu'" in result.output
