@@ -29,13 +29,15 @@ def parameter_count(config) -> int:
 
 def check_config_fits(config, batch_size: int = 0) -> None:
     """One line when the weights (and, with `batch_size`, a training step: gradients, AdamW's
-    moments and the activations of batch_size x context tokens) exceed this machine's RAM.
+    moments, the activations of batch_size x context tokens and their attention scores)
+    exceed this machine's RAM.
     Decoding's KV caches (layers x context x 2D) count too."""
     params = parameter_count(config)
     need = 4 * params * (4 if batch_size else 1)
     need += 4 * 2 * config.layers * config.context * config.dim  # KV caches
     per_token = 4 * (config.dim * config.layers * 24 + config.vocab * 3)  # activations, grads
     need += batch_size * config.context * per_token
+    need += batch_size * config.layers * config.heads * config.context ** 2 * 4 * 3  # attention
     what = (f"batch size {batch_size} x context {config.context}: a step of a model of about "
             f"{params:,} parameters") if batch_size else \
         f"a model of about {params:,} parameters (context {config.context})"

@@ -7,7 +7,7 @@ import sys
 import click
 
 from moe_min.cli_bench import bench
-from moe_min.cli_util import COUNT, SEED, MAX_COUNT, OneLineGroup
+from moe_min.cli_util import COUNT, MAX_COUNT, SEED, OneLineGroup
 from moe_min.cli_util import backend as _backend
 from moe_min.cli_util import run_library as _run_library
 from moe_min.helpers import check_writable

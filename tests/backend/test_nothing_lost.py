@@ -37,6 +37,7 @@ from moe_min.tensorio import load_safetensors, save_safetensors
 SIZES = ["layers=1", "dim=16", "heads=2", "context=16", "mlp.hidden=32"]
 TRAIN = ["train", "--config", "tiny-dense", *[a for s in SIZES for a in ("--set", s)],
          "--batch-size", "4", "--backend", "mlx"]
+CASES = ["conform", "numpy", "--cases", "{cases}"]  # a corpus of one case file, damaged
 RANGE = "2147483647"  # the largest count a flag takes (2^31 - 1)
 
 
@@ -270,22 +271,17 @@ ROWS = [
     Row("conform/cases-absent", "cases directory {tmp}/absent does not exist",
         ["conform", "numpy", "--cases", "{tmp}/absent"]),
     Row("conform/case-truncated", "token_choice__k2_glu.safetensors: truncated (3 bytes",
-        ["conform", "numpy", "--cases", "{cases}"],
-        damage=lambda run, tmp: _case_dir(tmp, raw=b"abc")),
-    Row("conform/case-garbage", "header of", ["conform", "numpy", "--cases", "{cases}"],
+        CASES, damage=lambda run, tmp: _case_dir(tmp, raw=b"abc")),
+    Row("conform/case-garbage", "header of", CASES,
         damage=lambda run, tmp: _case_dir(tmp, raw=b"garbage!" * 4)),
     Row("conform/case-no-tolerance", "tolerance of 'y' is None: expected [rtol, atol]",
-        ["conform", "numpy", "--cases", "{cases}"],
-        damage=_case_meta(lambda case: case["tolerance"].pop("y"))),
+        CASES, damage=_case_meta(lambda case: case["tolerance"].pop("y"))),
     Row("conform/case-bad-mode", "needs a mode of train, eval or causal",
-        ["conform", "numpy", "--cases", "{cases}"],
-        damage=_case_meta(lambda case: case.update(mode="sideways"))),
+        CASES, damage=_case_meta(lambda case: case.update(mode="sideways"))),
     Row("conform/case-spec-out-of-range", "TokenChoice.top_k = 9: expected 1 <= top_k",
-        ["conform", "numpy", "--cases", "{cases}"], damage=lambda run, tmp: _case_dir(
-            tmp, _case_spec)),
+        CASES, damage=lambda run, tmp: _case_dir(tmp, _case_spec)),
     Row("conform/case-param-shape", "router_w has shape (3, 3): expected (4, 3)",
-        ["conform", "numpy", "--cases", "{cases}"], damage=lambda run, tmp: _case_dir(
-            tmp, _case_shape)),
+        CASES, damage=lambda run, tmp: _case_dir(tmp, _case_shape)),
     Row("conform/include-not-regex", "--include '[': not a regular expression",
         ["conform", "numpy", "--include", "["]),
     Row("conform/include-selects-nothing", "no case selected",
@@ -314,6 +310,8 @@ ROWS = [
         [*TRAIN, "--set", "vocab=10", "--out", "{tmp}/new"]),
     Row("train/set-absurd-vocab", "this machine has", [*TRAIN, "--set", "vocab=99999999999",
                                                        "--out", "{tmp}/new"]),
+    Row("train/set-absurd-context", "batch size 4 x context 100000: a step of a model of about",
+        [*TRAIN, "--set", "context=100000", "--out", "{tmp}/new"]),  # attention is T x T
     Row("train/set-moe-unused", "LMConfig.moe_first = 1: expected < layers (1): no block would be"
         " MoE", [*TRAIN, "--set", "moe=TokenChoice", "--out", "{tmp}/new"]),
     Row("train/set-odd-head-dim", "LMConfig.heads = 2: expected an even head dim (dim/heads = 9",
