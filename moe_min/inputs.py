@@ -66,7 +66,7 @@ def _noise_size(spec, B: int, T: int, D: int, S: int) -> int:
     return {"additive": B * T * E, "jitter": B * T * D}.get(noise, 0)
 
 
-def check_layer_inputs(ops, spec, x, params, *, expert, block, mode: str, noise,
+def check_layer_inputs(ops, spec, x, params, expert, block, mode: str, noise,
                        x_predictor) -> None:
     """One line (TypeError or ValueError) naming the input and what is accepted."""
     kind = type(ops.zeros((1,)))

@@ -180,8 +180,7 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
             validate: bool = True) -> dict:
     """Route and apply one layer; returns {name: array} with the names of
     docs/conventions.md (`plan/...`, `y`, `aux/...`, `stats/...`, `predictor/...`)."""
-    check_layer_inputs(ops, spec, x, params, expert=expert, block=block, mode=mode, noise=noise,
-                       x_predictor=x_predictor)
+    check_layer_inputs(ops, spec, x, params, expert, block, mode, noise, x_predictor)
     squeeze = len(x.shape) == 2
     if squeeze:
         x = ops.reshape(x, (1, *x.shape))
