@@ -79,7 +79,12 @@ class TinygradOps:
             raise ValueError(f"tinygrad device {device!r}: expected one of "
                              f"{', '.join(ALL_DEVICES)} (working here: "
                              f"{', '.join(working_devices()) or 'none'})")
-        dev = Device[self.device]  # fails here, naming the device, if it cannot open
+        try:  # a known device without its driver fails in a library call (OSError, ...)
+            dev = Device[self.device]
+        except Exception as e:
+            raise ValueError(f"tinygrad device {device!r} cannot open here ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); working here: "
+                             f"{', '.join(working_devices()) or 'none'}") from None
         if self.device.split(":")[0] == "CL":
             _positional_cl_args(dev)
         supported = dev.renderer.supported_dtypes()

@@ -40,6 +40,9 @@ class _Model(_spec._Spec):
         if (self.dim // self.heads) % 2:
             _spec._fail(self, "heads", self.heads, f"an even head dim (dim/heads = "
                         f"{self.dim // self.heads}; RoPE rotates pairs)")
+        if self.moe is not None and not any(map(self.is_moe, range(self.layers))):
+            _spec._fail(self, "moe_first", self.moe_first, f"< layers ({self.layers}): no block "
+                        "would be MoE, so the moe spec would be silently unused")
 
     def is_moe(self, block: int) -> bool:
         return self.moe is not None and block >= self.moe_first and \
@@ -76,6 +79,9 @@ class LMConfig(_Model):
 
     def _validate(self):
         super()._validate()
+        if self.mod is not None and not any(map(self.mod.is_routed, range(self.layers))):
+            _spec._fail(self, "mod.first_routed", self.mod.first_routed,
+                        f"< layers ({self.layers}): no block would be routed")
         both = [i for i in range(self.layers) if self.is_moe(i) and self.block_kind(i) == "mod"]
         if both:
             _spec._fail(self, "moe_first", self.moe_first, f"MoE blocks apart from the MoD-routed "

@@ -14,7 +14,8 @@ import numpy as np
 from moe_min.layers import block_branch, rms_norm
 from moe_min.layers import forward as layer_forward
 from moe_min.models.configs import EncoderConfig
-from moe_min.models.lm import attention_params, init_normal, layer_params, mlp_params
+from moe_min.models.lm import (attention_params, check_tokens, init_normal, layer_params,
+                                mlp_params)
 from moe_min.ops import Ops
 from moe_min.routing import group_shape
 
@@ -56,7 +57,7 @@ def forward(ops: Ops, config: EncoderConfig, params: dict, tokens, *, mode: str 
     if mode not in ("train", "eval"):
         raise ValueError(f"mode {mode!r}: expected 'train' or 'eval' (an encoder is not causal)")
     p = {name: ops.asarray(value) for name, value in params.items()}
-    tokens = ops.asarray(tokens, "int")
+    tokens = ops.asarray(check_tokens(tokens, config.context, config.vocab + 1), "int")
     B, T = tokens.shape
     x = ops.take(p["embed"], tokens, axis=0)  # (B, T, D)
     positions = ops.broadcast_to(ops.reshape(ops.arange(T), (1, T)), (B, T))

@@ -22,9 +22,13 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     """A closure: log-probabilities (V,) -> token id. temperature 0 is greedy; top_k > 0
     keeps the k most likely tokens; top_p < 1 keeps the smallest set whose probability
     reaches top_p (nucleus). Its generator is seeded once: the same seed, the same draws."""
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sampler: temperature {temperature} (>= 0), top_k {top_k} (>= 0), "
-                         f"top_p {top_p} (in (0, 1]) out of range")
+    for name, value, ok, accepted in (
+            ("temperature", temperature, 0 <= temperature < np.inf, "a finite number >= 0"),
+            ("top_k", top_k, top_k >= 0, "an integer >= 0 (0: no cut)"),
+            ("top_p", top_p, 0 < top_p <= 1, "0 < top_p <= 1"),
+            ("seed", seed, seed >= 0, "an integer >= 0")):
+        if not ok:
+            raise ValueError(f"sampler {name} {value!r}: expected {accepted}")
     rng = np.random.default_rng(seed)
 
     def sample(logprobs: np.ndarray) -> int:
@@ -34,6 +38,8 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
         order = np.argsort(-logprobs, kind="stable")  # most likely first, ties by id
         keep = len(order) if top_k == 0 else min(top_k, len(order))
         scaled = logprobs[order[:keep]] / temperature
+        if not np.isfinite(scaled[0]):  # a temperature so small the scale overflows: greedy
+            return int(order[0])
         p = np.exp(scaled - scaled.max())
         p /= p.sum()
         if top_p < 1:

@@ -193,11 +193,30 @@ def head(ops: Ops, config: LMConfig, params: dict, x: Array) -> Array:
     return x @ w
 
 
+def check_tokens(tokens, context: int, vocab: int, what: str = "tokens"):
+    """Before the embedding gather (MLX reads out of bounds, silently): (B, T) with
+    1 <= T <= context and, for ids on the host (a list, a NumPy array), integers in
+    0..vocab-1. A backend array (inside a jitted step) has only its shape checked."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    shape = tuple(getattr(tokens, "shape", ()))
+    if len(shape) != 2 or not (shape[0] >= 1 and 1 <= shape[1] <= context):
+        raise ValueError(f"{what} have shape {shape}: expected (B, T) with B >= 1 and "
+                         f"1 <= T <= {context} (the context)")
+    if isinstance(tokens, np.ndarray):
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"{what} are {tokens.dtype}: expected integer ids")
+        if not (tokens.min() >= 0 and tokens.max() < vocab):
+            raise ValueError(f"{what}: ids {tokens.min()}..{tokens.max()}: expected 0.."
+                             f"{vocab - 1} (the vocabulary)")
+    return tokens
+
+
 def _run(ops: Ops, config: LMConfig, params: dict, tokens, mode: str, noise: bool):
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     p = {name: ops.asarray(value) for name, value in params.items()}
-    tokens = ops.asarray(tokens, "int")
+    tokens = ops.asarray(check_tokens(tokens, config.context, config.vocab), "int")
     B, T = tokens.shape
     x = embed(ops, p, tokens)
     positions = ops.broadcast_to(ops.reshape(ops.arange(T), (1, T)), (B, T))
@@ -228,6 +247,7 @@ def loss(ops: Ops, config: LMConfig, params: dict, tokens, targets, *, mode: str
     """(mean cross-entropy in nats/byte + aux, metrics {"ce", "aux", "blocks"})."""
     logits, info = forward(ops, config, params, tokens, mode=mode, noise=noise)
     B, T, V = logits.shape
+    targets = check_tokens(targets, config.context, config.vocab, "targets")
     targets = ops.reshape(ops.asarray(targets, "int"), (B, T, 1))
     picked = ops.reshape(ops.take_along_axis(logits, targets, axis=-1), (B, T))
     ce = ops.mean(ops.logsumexp(logits, axis=-1) - picked)

@@ -31,6 +31,21 @@ class AdamW:
     grad_clip: float = 1.0  # global L2 norm; 0 turns clipping off
     frozen: str = ""  # regex: parameters matching it are never updated (e.g. random routers)
 
+    def __post_init__(self):  # a checkpoint's JSON may hold anything: one line, naming it
+        for name, ok, accepted in (
+                ("beta1", 0 <= self.beta1 < 1, "0 <= beta1 < 1"),
+                ("beta2", 0 <= self.beta2 < 1, "0 <= beta2 < 1"),
+                ("eps", 0 < self.eps < math.inf, "a finite eps > 0"),
+                ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite value >= 0"),
+                ("grad_clip", 0 <= self.grad_clip < math.inf, "a finite value >= 0 (0: off)")):
+            if not ok:
+                raise ValueError(f"AdamW.{name} = {getattr(self, name)!r}: expected {accepted}")
+        try:
+            re.compile(self.frozen)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"AdamW.frozen = {self.frozen!r}: expected a regular expression "
+                             f"({e})") from None
+
 
 def init_state(ops: Ops, params: dict) -> dict:
     """Zero moments for every parameter, and the step count as a 0-d float array (an array,

@@ -2,17 +2,18 @@
 `write_all` draws `loss.png` (train loss, validation loss in training mode and in causal
 mode) and `load.png` (per routed block, each expert's share of the routed tokens, training
 mode beside causal mode). matplotlib (Agg) is optional: without it the plots are skipped.
-May import: stdlib, numpy, matplotlib.
+May import: stdlib, numpy, matplotlib, moe_min.helpers.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from moe_min.helpers import write_atomic
 
 
 class Metrics:
@@ -29,11 +30,8 @@ class Metrics:
                 continue
             if record["step"] <= step:
                 self.records.append(record)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                   for r in self.records).encode())
 
     def add(self, record: dict):
         self.records.append(record)
@@ -54,11 +52,9 @@ def _pyplot():
 
 def _save(fig, path: Path):
     """Atomic, like every file a run writes: a temp file beside the target, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_loss(records: list[dict], path: Path, plt) -> None:

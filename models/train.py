@@ -18,17 +18,20 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from moe_min.helpers import read_bounded
-from moe_min.models import configs, data, distributed, evaluation, optim, plots
+from moe_min.helpers import read_bounded, write_atomic
+from moe_min.models import configs, data, distributed, evaluation, limits, optim, plots
 from moe_min.ops import backend_entry_points, get_backend
+from moe_min.spec import _check_type, _fail
 from moe_min.tensorio import load_safetensors, save_safetensors
 
 FORMAT = "moe_min.checkpoint/1"
+MAX_COUNT = 2 ** 31 - 1  # steps, windows: past this no run ends in a lifetime
 FILES = ("model.safetensors", "optimizer.safetensors")
 
 
@@ -59,15 +62,21 @@ class TrainConfig:
     data: str | None = None  # a UTF-8 text file; None: CPython's pydoc topics
     optimizer: optim.AdamW = field(default_factory=optim.AdamW)
 
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_windows", "eval_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: expected >= 1")
-        if self.horizon < 0:
-            raise ValueError(f"TrainConfig.horizon = {self.horizon}: expected >= 0")
-        if not (0 < self.lr < math.inf and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"TrainConfig lr = {self.lr}, min_lr_ratio = {self.min_lr_ratio}: "
-                             "expected a finite lr > 0 and 0 <= min_lr_ratio <= 1")
+    def __post_init__(self):  # types first (a checkpoint's JSON may hold anything), then ranges
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            _check_type(self, f.name, getattr(self, f.name), hints[f.name])
+        ranges = {name: (1, MAX_COUNT) for name in ("steps", "batch_size", "eval_every",
+                                                     "eval_windows", "eval_batch")}
+        ranges.update({name: (0, MAX_COUNT) for name in ("warmup", "horizon", "final_windows")},
+                      seed=(0, 2 ** 32 - 1), min_lr_ratio=(0, 1))
+        for name, (low, high) in ranges.items():
+            if not low <= getattr(self, name) <= high:
+                _fail(self, name, getattr(self, name), f"{low} <= {name} <= {high}")
+        if not self.lr > 0:
+            _fail(self, "lr", self.lr, "a finite lr > 0")
+        if not 0 < self.mask_rate <= 1:
+            _fail(self, "mask_rate", self.mask_rate, "0 < mask_rate <= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -77,8 +86,10 @@ class TrainConfig:
 def default_backend() -> str:
     """$MOE_MIN_BACKEND, else MLX (Metal or CUDA when present, else CPU on OpenBLAS), else
     tinygrad: the first installed framework with autodiff."""
-    found = backend_entry_points()
-    for name in (os.environ.get("MOE_MIN_BACKEND"), "mlx", "tinygrad"):
+    found, chosen = backend_entry_points(), os.environ.get("MOE_MIN_BACKEND")
+    if chosen is not None and chosen not in found:  # a typo must not silently pick another
+        raise ValueError(f"MOE_MIN_BACKEND={chosen!r}: expected one of {', '.join(sorted(found))}")
+    for name in (chosen, "mlx", "tinygrad"):
         if name and name in found:
             return name
     raise ValueError("no backend with autodiff installed: pip install 'moe-min[mlx]'")
@@ -114,36 +125,25 @@ def _fsync_dir(path: Path):
     os.close(fd)
 
 
-def _write_json(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out: Path, config, train: TrainConfig, step: int, params: dict,
                     opt_state: dict, extra: dict | None = None) -> Path:
     """Write a new directory OUT/checkpoints/step-N-xxxx/ completely (each file atomic,
     config.json with the checksums last), then point the OUT/checkpoint symlink at it with
-    one rename; only then remove the older directories."""
+    one rename; only then remove the older directories. A failed write (a full disk) removes
+    what it wrote and leaves the current checkpoint as it was."""
     out, link = Path(out), Path(out) / "checkpoint"
     if link.exists() and not link.is_symlink():
         raise CheckpointError(f"{link}: exists and is not the symlink this run manages")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=out / "checkpoints", prefix=f"step-{step:07d}-"))
-    save_safetensors(new / FILES[0], params, {"format": FORMAT})
-    save_safetensors(new / FILES[1], opt_state, {"format": FORMAT})
-    _write_json(new / "config.json", {
-        "format": FORMAT, "kind": type(config).__name__, "model": config.to_dict(),
-        "train": asdict(train), "step": step, "rng": {"seed": train.seed, "step": step},
-        "files": {f: _sha256(new / f) for f in FILES},
-        "shapes": {k: list(v.shape) for k, v in params.items()}, **(extra or {})})
-    for path in (new, *new.iterdir()):  # mkdtemp/mkstemp make them private; share them
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    _fsync_dir(new)
-    _fsync_dir(new.parent)
+    try:
+        _write_checkpoint(new, config, train, step, params, opt_state, extra)
+    except BaseException as e:
+        shutil.rmtree(new, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OSError(f"the checkpoint of step {step} was not written ({e}); the current "
+                          f"checkpoint in {out} is unchanged") from None
+        raise
     tmp_link = out / f".checkpoint-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     os.symlink(Path("checkpoints") / new.name, tmp_link)
@@ -153,6 +153,21 @@ def save_checkpoint(out: Path, config, train: TrainConfig, step: int, params: di
         if old.name != new.name:
             shutil.rmtree(old, ignore_errors=True)
     return link
+
+
+def _write_checkpoint(new: Path, config, train: TrainConfig, step: int, params: dict,
+                      opt_state: dict, extra: dict | None):
+    save_safetensors(new / FILES[0], params, {"format": FORMAT})
+    save_safetensors(new / FILES[1], opt_state, {"format": FORMAT})
+    write_atomic(new / "config.json", json.dumps({
+        "format": FORMAT, "kind": type(config).__name__, "model": config.to_dict(),
+        "train": asdict(train), "step": step, "rng": {"seed": train.seed, "step": step},
+        "files": {f: _sha256(new / f) for f in FILES},
+        "shapes": {k: list(v.shape) for k, v in params.items()}, **(extra or {})},
+        indent=1, sort_keys=True).encode())
+    new.chmod(0o755)  # mkdtemp makes it private; share it like the files
+    _fsync_dir(new)
+    _fsync_dir(new.parent)
 
 
 @dataclass
@@ -180,14 +195,17 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
         kinds = {"LMConfig": configs.LMConfig, "EncoderConfig": configs.EncoderConfig}
         config = kinds[meta["kind"]].from_dict(meta["model"])
         train = TrainConfig.from_dict(meta["train"])
-        step, sums = int(meta["step"]), dict(meta["files"])
+        step, sums = meta["step"], dict(meta["files"])
         shapes = {k: tuple(v) for k, v in dict(meta["shapes"]).items()}
+        if type(step) is not int or not 1 <= step <= train.steps:
+            raise ValueError(f"step {step!r}: expected an integer in 1..{train.steps} (its steps)")
+        limits.check_config_fits(config)  # before init_params allocates the expected weights
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: bad contents ({e})") from None
     arrays = {}
     for name in FILES[:2] if optimizer else FILES[:1]:
         if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing")
+            raise CheckpointError(f"{path / name}: missing, or not a file")
         if _sha256(path / name) != sums.get(name):
             raise CheckpointError(f"{path / name}: checksum mismatch (truncated or modified "
                                   "since it was written)")
@@ -199,8 +217,14 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
     want = {k: tuple(v.shape) for k, v in model_module(config).init_params(config, 0).items()}
     got = {k: tuple(v.shape) for k, v in params.items()}
     if got != want or got != shapes:
-        bad = sorted(set(got) ^ set(want)) or [k for k in want if got.get(k) != want[k]]
+        bad = sorted((set(got) ^ set(want)) | (set(got) ^ set(shapes))) or \
+            [k for k in want if not got.get(k) == want[k] == shapes.get(k)]
         raise CheckpointError(f"{path}: weights do not match the config (e.g. {bad[0]!r})")
+    for name, value in params.items():  # garbage must not load as a model
+        wrong = f"is {value.dtype}" if value.dtype != np.float32 else \
+            "holds NaN or inf" if not np.isfinite(value).all() else None
+        if wrong:
+            raise CheckpointError(f"{path / FILES[0]}: {name!r} {wrong}: expected finite float32")
     return Checkpoint(config, train, step, params, arrays.get(FILES[1], {}), meta)
 
 
@@ -245,51 +269,41 @@ def _corpus_id(tokens: np.ndarray) -> str:
     return hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
 
 
-def check_sizes(config, tc: TrainConfig, tokens: np.ndarray) -> None:
-    """Before any allocation or gather: byte ids within the vocabulary (a larger id reaches
-    the embedding gather unchecked: MLX reads out of bounds), and a step that fits in memory."""
-    top = int(tokens.max())
-    if top >= config.vocab:
-        raise ValueError(f"vocab {config.vocab}: the corpus holds byte id {top}; a byte model "
-                         f"needs vocab >= {top + 1}")
-    per_token = 4 * (config.dim * config.layers * 24 + config.vocab * 3)  # activations, grads
-    need = tc.batch_size * config.context * per_token
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        raise ValueError(f"batch size {tc.batch_size} x context {config.context}: a step needs "
-                         f"about {need / 2**30:,.0f} GiB, this machine has {have / 2**30:,.0f}"
-                         f" GiB: lower --batch-size")
-
-
 def holds_a_run(out: Path) -> bool:
     return (out / "checkpoint").exists() or (out / "metrics.jsonl").exists()
 
 
-def _start(ops, config, tc: TrainConfig | None, out: Path, resume: bool, overwrite: bool):
-    """(config, settings, first step, params, optimizer state, corpus id or None): a fresh
-    run, or the checkpoint in OUT/checkpoint. A fresh run never replaces another run's
-    checkpoint and metrics unless told to (overwrite)."""
+def _start(config, tc: TrainConfig | None, out: Path, resume: bool, overwrite: bool):
+    """(config, settings, first step, (params, optimizer state) or None, corpus id or None):
+    a fresh run, or the checkpoint in OUT/checkpoint; nothing is written or removed yet. A
+    fresh run never replaces another run's checkpoint and metrics unless told to (overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out}: exists and is not a directory: expected a directory "
+                         "(new, or holding a run)")
     if not resume:
         if holds_a_run(out) and not overwrite:
             raise ValueError(f"{out} holds another run (a checkpoint or metrics.jsonl): continue "
                              f"it with --resume, replace it with --overwrite, or pick another --out")
-        if overwrite:  # the old run goes now, so no old checkpoint sits beside new metrics
-            link = out / "checkpoint"
-            target = link.resolve() if link.is_symlink() else None
-            if link.is_symlink():
-                link.unlink()
-            for path in (target, link):
-                if path is not None and path.is_dir():
-                    shutil.rmtree(path)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
         tc = tc or TrainConfig()
-        tc = replace(tc, horizon=tc.horizon or tc.steps)
-        return config, tc, 0, model_module(config).init_params(config, tc.seed), None, None
+        return config, replace(tc, horizon=tc.horizon or tc.steps), 0, None, None
     if config is not None or tc is not None:
         raise ValueError("resume takes the config and settings from the checkpoint")
     c = load_checkpoint(out / "checkpoint")
     tc = replace(c.train, horizon=c.train.horizon or c.train.steps)  # written before horizons
-    return c.config, tc, c.step, c.params, c.opt_state, c.meta.get("corpus")
+    return c.config, tc, c.step, (c.params, c.opt_state), c.meta.get("corpus")
+
+
+def _remove_run(out: Path):
+    """--overwrite, once every input is checked: the old run goes before the new one writes,
+    so no old checkpoint sits beside new metrics."""
+    link = out / "checkpoint"
+    target = link.resolve() if link.is_symlink() else None
+    if link.is_symlink():
+        link.unlink()
+    for path in (target, link):
+        if path is not None and path.is_dir():
+            shutil.rmtree(path)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backend=None,
@@ -300,28 +314,43 @@ def train(config=None, tc: TrainConfig | None = None, *, out: str | Path, backen
     from OUT/checkpoint and the run continues where it stopped (`steps` may extend it).
     `on_step(steps done, steps in all, record)` follows the run (the CLI draws a progress bar),
     `log(text)` gets a line per evaluation. `backend`: a name or a backend object. Returns
-    the last validation report with timings. `world`: this process's rank among the ranks of
+    the last validation report with timings. Every input is checked before anything is
+    written, removed (overwrite) or allocated. `world`: this process's rank among the ranks of
     a data- or expert-parallel run (models/distributed.py); rank 0 alone writes."""
     out, log, on_step = Path(out), log or (lambda text: None), on_step or (lambda *a: None)
     ops = backend if hasattr(backend, "asarray") else get_backend(backend or default_backend(),
                                                                   device)
     if not ops.caps.autodiff:
         raise ValueError(f"backend {ops.name!r} has no autodiff: train with mlx or tinygrad")
-    state = _start(ops, config, tc, out, resume, overwrite) if world.rank == 0 else None
-    config, tc, start, params, opt_state, corpus = world.share(state)
+    shared = None
+    if world.rank == 0:
+        config, tc, start, state, corpus = _start(config, tc, out, resume, overwrite)
+        if state is None:  # before init_params allocates the weights
+            limits.check_config_fits(config, tc.batch_size)
+        params, opt_state = state or (model_module(config).init_params(config, tc.seed), None)
+        shared = config, tc, start, params, opt_state, corpus
+    config, tc, start, params, opt_state, corpus = world.share(shared)
     tc = replace(tc, steps=steps) if steps is not None else tc
+    if resume and tc.steps <= start:
+        raise ValueError(f"steps {tc.steps}: the run in {out} is at step {start} already: "
+                         f"expected steps > {start} to continue it")
     tokens = data.load_corpus(tc.data)
-    check_sizes(config, tc, tokens)
+    limits.check_run_fits(config, tc.batch_size, tokens)
     world.check(ops, config, tc, params)
     train_tokens, val_tokens = data.split(tokens)
     corpus_id = _corpus_id(tokens)
     if resume and corpus != corpus_id:
         raise ValueError(f"the corpus ({tc.data or 'pydoc topics'}) differs from the one the "
                          "checkpoint was trained on")
+    if overwrite and world.rank == 0:
+        _remove_run(out)
     params = {k: ops.asarray(v) for k, v in world.shard(params).items()}
     opt_state = {k: ops.asarray(v) for k, v in world.shard(opt_state).items()} if opt_state \
         else optim.init_state(ops, params)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"out {out}: cannot create the directory ({e.strerror})") from None
     metrics = plots.Metrics(out / "metrics.jsonl", start) if world.rank == 0 else None
     step_fn = make_step(world.wrap(ops), config, tc, world)
     tokens_per_step = tc.batch_size * config.context

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_min.helpers import check_fits
 from moe_min.layers import forward, mlp
 from moe_min.routing import route
 from moe_min.spec import ExpertChoice, ExpertMLP, SoftMoE, TokenChoice
@@ -41,6 +42,17 @@ def layer_spec(scheme: str, experts: int, top_k: int, capacity="1.0", tokens: in
     if scheme == "soft_moe":
         return SoftMoE(num_experts=experts, slots_per_expert=max(1, tokens * top_k // experts))
     raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
+
+
+def check_layer_fits(tokens: int, dim: int, hidden: int, experts: int, top_k: int,
+                     scheme: str) -> None:
+    """Refuse sizes whose arrays would not fit in RAM, before any is made (float64 on NumPy;
+    x4 for the backward's copies). Soft MoE's dispatch and combine are T x T*K each."""
+    floats = tokens * dim * (top_k + 4) + experts * dim * hidden * 3 + tokens * top_k * hidden
+    if scheme == "soft_moe":
+        floats += 2 * tokens * tokens * top_k
+    check_fits(8 * 4 * floats, f"a layer of T={tokens} D={dim} H={hidden} E={experts} "
+               f"K={top_k} ({scheme})", "lower --tokens, --dim, --hidden or --experts")
 
 
 @dataclass

@@ -7,13 +7,16 @@ import sys
 import click
 
 from moe_min.cli_bench import bench
+from moe_min.cli_util import COUNT, MAX_COUNT, SEED, OneLineGroup
 from moe_min.cli_util import backend as _backend
 from moe_min.cli_util import run_library as _run_library
+from moe_min.helpers import check_writable
 from moe_min.ops import backend_entry_points, fast_ops, get_backend
 
 
-@click.group()
-def main():
+@click.group(cls=OneLineGroup)
+@click.option("--debug", is_flag=True, help="Show an error's traceback, not just its line.")
+def main(debug):
     """moe_min: one routing spec, lowered onto several array frameworks."""
 
 
@@ -37,13 +40,15 @@ def conform(backend, device, cases_dir, include, exclude, junit, verbose):
         _run_library(runner.include, pattern)
     for pattern in exclude:
         _run_library(runner.exclude, pattern)
+    if junit:  # before the run, not after it
+        _run_library(check_writable, junit)
     try:
         rows = runner.run()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_rows(rows, verbose))
     if junit:
-        write_junit(rows, junit, suite=f"moe-min conform {backend}")
+        _run_library(write_junit, rows, junit, suite=f"moe-min conform {backend}")
     if failures(rows):
         click.echo(failures(rows))
     click.echo(summary(rows))
@@ -103,12 +108,12 @@ class _Progress:
 @click.option("--steps", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @click.option("--eval-every", type=int, default=None)
 @click.option("--out", default="runs/latest", show_default=True, type=click.Path())
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace the run that --out holds.")
-@click.option("--ranks", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--ranks", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Data-parallel processes on this machine (mx.distributed, ring on loopback).")
 @click.option("--hostfile", type=click.Path(dir_okay=False), default=None,
               help="Data parallel over the machines of an mlx.launch hostfile.")
@@ -153,11 +158,12 @@ def train(config_name, overrides, backend, device, data_path, steps, batch_size,
 @click.option("--checkpoint", "checkpoint", default="runs/latest/checkpoint", show_default=True,
               type=click.Path())
 @click.option("--prompt", default="def ", show_default=True)
-@click.option("--max-tokens", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--max-tokens", type=COUNT, default=200, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-k", type=click.IntRange(0, MAX_COUNT), default=0, show_default=True,
+              help="0: no top-k cut.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--backend", default=None, help="Default: mlx if installed, else tinygrad.")
 @click.option("--device", default=None)
 def generate(checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, backend, device):

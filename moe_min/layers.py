@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from moe_min import grouped
+from moe_min.inputs import check_layer_inputs
 from moe_min.ops import Array, Ops, fast_op, fast_ops
 from moe_min.routing import Plan, activation, route
 from moe_min.spec import ExpertMLP, MixtureOfDepths, SoftMoE
@@ -189,6 +190,7 @@ def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,
             validate: bool = True) -> dict:
     """Route and apply one layer; returns {name: array} with the names of
     docs/conventions.md (`plan/...`, `y`, `aux/...`, `stats/...`, `predictor/...`)."""
+    check_layer_inputs(ops, spec, x, params, expert, block, mode, noise, x_predictor)
     squeeze = len(x.shape) == 2
     if squeeze:
         x = ops.reshape(x, (1, *x.shape))

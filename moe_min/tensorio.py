@@ -6,14 +6,12 @@ rename), so a crash mid-write leaves the previous file intact. May import: stdli
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from moe_min.helpers import read_bounded
+from moe_min.helpers import read_bounded, write_atomic
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "I64": "<i8", "I32": "<i4", "U8": "u1", "BOOL": "?"}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -34,12 +32,7 @@ def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[
     text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, struct.pack("<Q", len(text)) + text + b"".join(chunks))
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -58,15 +51,26 @@ def load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         header = json.loads(raw[8:8 + size])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError(f"{path}: header is not a JSON object of tensors and __metadata__")
     data, tensors = raw[8 + size:], {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES.get(info["dtype"], "V"))
-        if dtype.kind == "V" or end > len(data) or end - begin != dtype.itemsize * int(
-                np.prod(info["shape"], dtype=np.int64)):
-            raise ValueError(f"{path}: tensor {name!r} ({info['dtype']}, shape {info['shape']}, "
-                             f"bytes {begin}..{end}) does not fit the file's {len(data)} bytes")
-        tensors[name] = np.frombuffer(data[begin:end], dtype).reshape(info["shape"]).copy()
+        if name != "__metadata__":
+            tensors[name] = _tensor(path, name, info, data)
     return tensors, header.get("__metadata__", {})
+
+
+def _tensor(path: Path, name: str, info, data: bytes) -> np.ndarray:
+    """One tensor of the file, its header entry checked before any array is made."""
+    try:
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        shape = [int(n) for n in info["shape"] if isinstance(n, int) and n >= 0]
+        begin, end = (int(v) for v in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {name!r}: header entry {info!r}: expected dtype (one "
+                         f"of {', '.join(_DTYPES)}), shape and data_offsets") from None
+    if len(shape) != len(info["shape"]) or not 0 <= begin <= end <= len(data) or \
+            end - begin != dtype.itemsize * int(np.prod(shape, dtype=object)):
+        raise ValueError(f"{path}: tensor {name!r} ({info['dtype']}, shape {info['shape']}, "
+                         f"bytes {begin}..{end}) does not fit the file's {len(data)} bytes")
+    return np.frombuffer(data[begin:end], dtype).reshape(shape).copy()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_min.inputs import check_layer_inputs
 from moe_min.spec import from_dict, from_json
 from moe_min.tensorio import load_safetensors, save_safetensors
 
@@ -81,19 +82,47 @@ class Case:
 
 
 def read_case(path: Path) -> Case:
-    """Load a case; a file edited after generation (checksum) or carrying a tolerance looser
-    than TOLERANCE_BOUNDS is a one-line ValueError naming the case."""
+    """Load a case, checked whole before it runs: a file edited after generation (checksum),
+    a tolerance looser than TOLERANCE_BOUNDS or any other defect is one ValueError naming it."""
     path = Path(path)
     tensors, metadata = load_safetensors(path)
-    if "spec" not in metadata or "case" not in metadata:
+    if not isinstance(metadata.get("spec"), str) or not isinstance(metadata.get("case"), str):
         raise ValueError(f"{path}: not a conformance case (no 'spec'/'case' in its metadata)")
     if metadata.get("checksum") != checksum(metadata["spec"], metadata["case"], tensors):
         raise ValueError(f"case {path.stem}: checksum mismatch in {path}: its expected values, "
                          "tolerances or inputs were edited after generation (regenerate with "
                          "python -m moe_min.conformance.generate)")
-    case = Case(from_json(metadata["spec"]), json.loads(metadata["case"]), tensors)
+    try:
+        case = Case(from_json(metadata["spec"]), json.loads(metadata["case"]), tensors)
+        _check(case)
+        _ = case.expert, case.block  # their specs, validated when they parse
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: bad case ({type(e).__name__}: {e})") from None
     _check_tolerances(case, path.stem)
     return case
+
+
+def _check(case: Case) -> None:
+    meta, expects = case.meta, [k for k in case.tensors if k.startswith("expect/")]
+    if not isinstance(meta, dict) or meta.get("mode") not in ("train", "eval", "causal"):
+        raise ValueError("its 'case' metadata needs a mode of train, eval or causal")
+    needed = ["input/x"] + (["input/cotangent"] if any(k.startswith("expect/grad/")
+                                                       for k in expects) else [])
+    missing = [k for k in needed if k not in case.tensors]
+    if missing or not isinstance(meta.get("name"), str):
+        raise ValueError(f"missing {missing or 'name'}: a case has input/x (and input/cotangent "
+                         "with gradients) and a name")
+    # the layer's own input checks, on the file's arrays: a defect of the file is its error,
+    # not a failed row blamed on the backend
+    check_layer_inputs(_HostArrays, case.spec, case.tensors["input/x"], case.group("param"),
+                       case.expert, case.block, meta["mode"], case.tensors.get("input/noise"),
+                       None)
+
+
+class _HostArrays:
+    """Enough of a backend for check_layer_inputs to check NumPy arrays."""
+
+    zeros = staticmethod(np.zeros)
 
 
 def _check_tolerances(case: Case, name: str):

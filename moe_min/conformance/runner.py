@@ -19,6 +19,7 @@ from moe_min.conformance.hooks import hook_rows
 from moe_min.conformance.op_rows import CASES as OP_CASES
 from moe_min.conformance.op_rows import op_rows
 from moe_min.conformance.rows import STATUSES, Recorder, Row, compare, one_line
+from moe_min.helpers import write_atomic
 from moe_min.layers import forward
 from moe_min.ops import CONTRACT, fast_ops, missing_ops
 
@@ -256,4 +257,4 @@ def write_junit(rows: list[Row], path: Path, suite: str):
             ET.SubElement(tc, "skipped", message=f"{r.status}: {r.detail}")
         elif r.detail:
             ET.SubElement(tc, "system-out").text = r.detail
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    write_atomic(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))

@@ -83,16 +83,3 @@ def test_junit_carries_the_op_and_hook_rows_with_their_details(tmp_path):
     skipped = suite.find("testcase[@classname='hook'][@name='grad/quadratic']/skipped")
     assert skipped.get("message").startswith("n/a: NotImplementedError: grad:")
 
-
-def test_bad_arguments_give_one_line_errors_not_tracebacks(tmp_path):
-    result = CliRunner().invoke(main, ["conform", "nosuch"])
-    assert result.exit_code != 0 and "unknown backend 'nosuch'" in result.output
-    assert "Traceback" not in result.output
-    result = _conform("--cases", str(tmp_path / "absent"))
-    assert result.exit_code != 0 and "does not exist" in result.output
-    (tmp_path / "bad.safetensors").write_bytes(b"garbage!")
-    result = _conform("--cases", str(tmp_path))
-    assert result.exit_code != 0 and "bad.safetensors" in result.output
-    assert "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["conform", "numpy", "--device", "gpu"])
-    assert result.exit_code != 0 and "'gpu'" in result.output

@@ -29,10 +29,12 @@ ALLOWED = {
     "ops": f"spec {LEAVES}",
     "routing": f"spec ops {LEAVES}",
     "grouped": f"spec ops routing {LEAVES}",  # dropless through a fused op (layers uses it)
-    "layers": f"spec ops routing grouped {LEAVES}",
-    "moe_min": f"spec ops routing grouped layers {LEAVES}",
-    "conformance.*": f"moe_min spec ops routing grouped layers oracle conformance.* {LEAVES}",
-    "backends.*": f"moe_min spec ops routing grouped layers backends.* {LEAVES}",
+    "inputs": f"spec ops routing {LEAVES}",  # a layer call's inputs, checked
+    "layers": f"spec ops routing grouped inputs {LEAVES}",
+    "moe_min": f"spec ops routing grouped inputs layers {LEAVES}",
+    "conformance.*": f"moe_min spec ops routing grouped inputs layers oracle conformance.* "
+                     f"{LEAVES}",
+    "backends.*": f"moe_min spec ops routing grouped inputs layers backends.* {LEAVES}",
     "models.*": None,
     "cli": None,  # and nothing imports cli: only the console-script entry point calls it
 }
