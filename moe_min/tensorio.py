@@ -51,13 +51,14 @@ def load_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         header = json.loads(raw[8:8 + size])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+    # MLX writes "__metadata__": null when there is none
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
         raise ValueError(f"{path}: header is not a JSON object of tensors and __metadata__")
     data, tensors = raw[8 + size:], {}
     for name, info in header.items():
         if name != "__metadata__":
             tensors[name] = _tensor(path, name, info, data)
-    return tensors, header.get("__metadata__", {})
+    return tensors, header.get("__metadata__") or {}
 
 
 def _tensor(path: Path, name: str, info, data: bytes) -> np.ndarray:
