@@ -582,6 +582,7 @@ def _listing(root: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny run, 2 steps: a checkpoint (step 2) and its metrics; each row gets a copy."""
+    load_backend("mlx", "cpu")  # trains on MLX: skipped with its reason where it cannot run
     out = tmp_path_factory.mktemp("trained") / "run"
     result = CliRunner().invoke(main, [*TRAIN, "--steps", "2", "--eval-every", "2", "--out",
                                        str(out)])

@@ -246,6 +246,7 @@ def test_cli_generate_streams_the_same_text_for_the_same_seed(trained):
 
 
 def test_cli_train_writes_metrics_plots_and_a_checkpoint(tmp_path):
+    load_backend("mlx", "cpu")  # skipped with its reason where MLX cannot run (fails under CI)
     result = CliRunner().invoke(main, [
         "train", "--config", "tiny-ec", *[a for s in TINY for a in ("--set", s)],
         "--steps", "6", "--eval-every", "3", "--batch-size", "4", "--backend", "mlx",
