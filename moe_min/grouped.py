@@ -28,6 +28,16 @@ def take_rows(ops: Ops, x: Array, idx: Array, back=None) -> Array:
     return op(x, idx, back()) if op else ops.take(x, idx, axis=0)
 
 
+def scatter_rows(ops: Ops, x: Array, rows: Array, src: Array) -> Array:
+    """x (N, D) with src (M, D) added at rows (M,): the fused op, else the contract's
+    scatter_add with the row index broadcast over D (MLX: 4x slower at T=4096, D=512)."""
+    op = fast_op(ops, "scatter_rows")
+    if op:
+        return op(x, rows, src)
+    M, D = src.shape
+    return ops.scatter_add(x, ops.broadcast_to(ops.reshape(rows, (M, 1)), (M, D)), src, axis=0)
+
+
 def slot_inverses(ops: Ops, plan: Plan, picks: Array, rows: int):
     """For apply_slots' token-choice gathers, the `back` of take_rows: of the dispatch (padded
     token row -> the expert-major rows holding it: its K picks, none for a dropped choice or a

@@ -68,11 +68,12 @@ def apply_slots(ops: Ops, expert_fn, x: Array, plan: Plan) -> Array:
                        ops.reshape(plan.choice_weight, (G, S, K, 1)), axis=2)
     out = ops.reshape(out[:, :G * C], (E, G, C, D))
     out = ops.reshape(ops.transpose(out, (1, 0, 2, 3)), (G, E * C, D))
-    index = ops.reshape(ops.where(plan.slot_token < 0, S, plan.slot_token), (G, E * C, 1))
+    index = ops.where(plan.slot_token < 0, S, plan.slot_token) + \
+        ops.reshape(ops.arange(G), (G, 1, 1)) * (S + 1)  # (G, E, C) into the padded rows
     out = out * ops.reshape(plan.slot_weight, (G, E * C, 1))
-    y = ops.scatter_add(ops.zeros((G, S + 1, D)), ops.broadcast_to(index, (G, E * C, D)), out,
-                        axis=1)
-    return y[:, :S]
+    y = grouped.scatter_rows(ops, ops.zeros((G * (S + 1), D)), ops.reshape(index, (G * E * C,)),
+                             ops.reshape(out, (G * E * C, D)))
+    return ops.reshape(y, (G, S + 1, D))[:, :S]
 
 
 def apply_experts(ops: Ops, spec: ExpertMLP, params: dict, x: Array, plan: Plan) -> Array:
@@ -180,9 +181,10 @@ def apply_mod(ops: Ops, block: dict, params: dict, x: Array, plan: Plan, positio
         slot_pos = ops.take_along_axis(positions, slot_pos, axis=1)
     f = block_branch(ops, block, params, routed, slot_pos, valid, kv=kv)
     update = f * ops.reshape(plan.slot_weight, (B, C, 1))
-    delta = ops.scatter_add(ops.zeros((B, T + 1, D)), ops.broadcast_to(index, (B, C, D)), update,
-                            axis=1)
-    return x + delta[:, :T]
+    rows = ops.reshape(index, (B, C)) + ops.reshape(ops.arange(B), (B, 1)) * (T + 1)
+    delta = grouped.scatter_rows(ops, ops.zeros((B * (T + 1), D)), ops.reshape(rows, (B * C,)),
+                                 ops.reshape(update, (B * C, D)))
+    return x + ops.reshape(delta, (B, T + 1, D))[:, :T]
 
 
 def forward(spec, x, params: dict, ops: Ops, *, expert: ExpertMLP | None = None,

@@ -132,6 +132,8 @@ class Ops(Protocol):
 #   it, padded with M; the VJP is dx[n] = Σ_j g[back[n, j]] (g with a zero row M appended).
 #   A row read at a position back leaves out gets no gradient from it: callers leave out only
 #   positions whose cotangent is zero or rows that are padding, not x.
+# scatter_rows(x (N, D), rows (M,), src (M, D)) -> x with src[i] added to row rows[i] (repeats
+#   accumulate): scatter_add with one index per row rather than one per element.
 # rms_norm(x (..., D), gain (D,), eps) -> x / sqrt(mean(x², -1) + eps) · gain.
 # rope(v (B, H, N, Dh), positions (B, N) int, base) -> v rotated (rotate-half) at positions.
 # attention(q (B, H, Nq, Dh), k, v (B, H, Nk, Dh), allowed (B, 1, Nq, Nk) bool) ->
@@ -140,7 +142,8 @@ class Ops(Protocol):
 # expert_mlp(h (E, M, D), w1, w2, w3 | None, act) -> (E, M, D): every expert on its padded
 #   buffer (layers.experts); expert parallel runs it over processes (models/expert_parallel.py)
 #   and is held to the oracle by the corpus on two ranks, not to a composite here.
-FAST_OPS = ("grouped_mlp", "take_rows", "rms_norm", "rope", "attention", "expert_mlp")
+FAST_OPS = ("grouped_mlp", "take_rows", "scatter_rows", "rms_norm", "rope", "attention",
+            "expert_mlp")
 
 
 def fast_ops(ops) -> list[str]:

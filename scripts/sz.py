@@ -33,7 +33,7 @@ BUDGETS = {
 }
 BACKEND_BUDGET, DEFAULT_BUDGET = 400, 400  # backends/ops_*.py; any other file
 CORE = ("moe_min/spec.py", "moe_min/routing.py", "moe_min/layers.py", "moe_min/oracle.py")
-CORE_BUDGET = 1030  # 1000, +20: the oracle as a library (issue 12), +10: the fused-op paths (layers)
+CORE_BUDGET = 1035  # 1000, +20: the oracle as a library (issue 12), +15: the fused-op paths (layers)
 BUDGETED_DIRS, INFO_DIRS = ("moe_min", "backends", "models"), ("scripts", "tests")
 NOT_CODE = {
     tokenize.COMMENT,

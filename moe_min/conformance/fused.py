@@ -76,7 +76,18 @@ def _take_rows(rng):
         else ops.take(a["x"], ops.asarray(idx, "int"), axis=0)), None
 
 
-CHECKS = {"take_rows": _take_rows, "rms_norm": _rms_norm, "rope": _rope, "attention": _attention,
+def _scatter_rows(rng):
+    rows = np.array([4, 0, 4, 2, 0, 4, 5], np.int32)  # repeats accumulate; rows 1, 3 untouched
+    arrays = {"x": rng.standard_normal((6, 5)), "src": rng.standard_normal((7, 5))}
+
+    def call(ops, fused, a):
+        idx = ops.asarray(rows, "int")
+        return ops.scatter_rows(a["x"], idx, a["src"]) if fused else ops.scatter_add(
+            a["x"], ops.broadcast_to(ops.reshape(idx, (7, 1)), (7, 5)), a["src"], axis=0)
+    return arrays, call, None
+
+
+CHECKS = {"take_rows": _take_rows, "scatter_rows": _scatter_rows, "rms_norm": _rms_norm, "rope": _rope, "attention": _attention,
           "grouped_mlp": _grouped_mlp}
 
 

@@ -67,7 +67,17 @@ def _first_read_only(x, idx, back):  # a row read twice gets the gradient of one
     return get_backend("mlx").take_rows(x, idx, back[:, :1])
 
 
+def _rows_onto_zeros(x, rows, src):  # x itself forgotten
+    return mx.zeros_like(x).at[rows.astype(mx.int32)].add(src)
+
+
+def _src_without_gradient(x, rows, src):
+    return x.at[rows.astype(mx.int32)].add(mx.stop_gradient(src))
+
+
 @pytest.mark.parametrize("op, broken, failing", [
+    ("scatter_rows", _rows_onto_zeros, {"forward", "grad/x"}),
+    ("scatter_rows", _src_without_gradient, {"grad/src"}),
     ("take_rows", _first_read_only, {"grad/x"}),
     ("rms_norm", _no_gain, {"forward", "grad/x", "grad/gain"}),
     ("rope", _traditional_rope, {"forward", "grad/v"}),
