@@ -150,10 +150,12 @@ class Runner:
             return [Row(case.name, k, None, None, "unsupported", str(e))
                     for k in forward_keys + grad_keys]
         except Exception as e:  # a crash is every row of this case, and the run goes on
+            reason = one_line(e)
+
             def crashed(key):
                 if key in grad_keys and not self.ops.caps.autodiff:
                     return Row(case.name, key, None, None, "n/a", "backend has no autodiff")
-                return Row(case.name, key, None, None, "failed", one_line(e))
+                return Row(case.name, key, None, None, "failed", reason)
             return self._explain(case, ops.uses(), [crashed(k) for k in forward_keys + grad_keys])
         rows = self._explain(case, ops.uses(), [self._row(ops, case, k, out.get(k), want[k],
                                                           tol[k]) for k in forward_keys])

@@ -113,13 +113,13 @@ def test_the_lowering_uses_exactly_the_fused_ops_the_backend_chose():
     params = lm.init_params(config, 0)
     tokens = np.arange(16).reshape(2, 8) % 32
     logits = {}
-    for fused in ("none", "rms_norm,attention", "all"):
-        base = get_backend("mlx", fused=fused)
+    for choice in ("none", "rms_norm,attention", "all"):
+        base = get_backend("mlx", fused=choice)
         ops = Broken(base, **spies)
         called.clear()
-        logits[fused] = np.asarray(lm.forward(ops, config, {k: ops.asarray(v) for k, v in
+        logits[choice] = np.asarray(lm.forward(ops, config, {k: ops.asarray(v) for k, v in
                                                            params.items()}, tokens)[0])
-        assert set(called) == set(choose_fused(fused, ())) & set(spies)
+        assert set(called) == set(choose_fused(choice, ())) & set(spies)
     np.testing.assert_allclose(logits["all"], logits["none"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(logits["rms_norm,attention"], logits["none"], rtol=1e-4, atol=1e-4)
 
