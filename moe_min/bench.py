@@ -132,7 +132,9 @@ def layer_cases(ops, tokens=4096, dim=512, hidden=1024, experts=8, top_k=2, acti
             both = ops.compile(ops.value_and_grad(loss)) if compiled else \
                 (lambda p, x_, loss=loss: (None, ops.grad(loss, p, x_)))
             for _ in range(4 if compiled else 1):  # two alternating TinyJits replay from call 5
-                both(params, x), compiled and fwd(params, x)
+                both(params, x)
+                if compiled:
+                    fwd(params, x)
         except NotImplementedError as e:
             missing.append(Timing(f"{name} fwd+bwd", None, str(e)))
             continue

@@ -24,6 +24,8 @@ def backend(name: str, device: str | None, **options):
     try:
         return run_library(get_backend, name, device, **options)
     except TypeError:  # a backend whose factory takes no such option
+        if not options:
+            raise
         raise click.ClickException(f"backend {name!r} takes no option "
                                    f"{', '.join(options)}") from None
 
